@@ -1,0 +1,91 @@
+"""`posttrain <verb>`: parse the command line, call the library, print one line on a user error.
+
+Every verb has --help. A PosttrainError (bad config, data, path ...) prints `posttrain: error: ...` and exits
+2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from posttrain.errors import PosttrainError
+
+
+def _run(args) -> None:
+    from posttrain.recipes_registry import run
+
+    metrics = run(args.config, args.overrides)
+    first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
+    if first is not None and last is not None:
+        print(f"posttrain: done: train loss {first:.4f} -> {last:.4f}, {metrics['steps']} steps")
+
+
+def _validate(args) -> None:
+    from posttrain.config import dump_yaml, load_config
+    from posttrain.recipes_registry import resolve_config_path
+
+    print(dump_yaml(load_config(resolve_config_path(args.config), args.overrides)), end="")
+
+
+def _ls(args) -> None:
+    from posttrain.recipes_registry import bundled_configs, configs_dir, recipe_names
+
+    print("recipes: " + ", ".join(recipe_names()))
+    print(f"bundled configs ({configs_dir()}):")
+    for name in bundled_configs():
+        print(f"  {name}")
+
+
+def _init_tiny(args) -> None:
+    from posttrain.tiny import build_tiny
+
+    print(f"posttrain: tiny {args.arch} model written to {build_tiny(args.out_dir, args.arch)}")
+
+
+def _merge(args) -> None:
+    from posttrain.models import merge_adapter
+
+    out = merge_adapter(args.adapter_dir, args.out, args.dtype, args.allow_pickle, args.trust_remote_code)
+    print(f"posttrain: merged model written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__import__("posttrain").__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=__import__("posttrain").__version__)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name, func, help_text):
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(func=func)
+        return sub
+
+    for name, func, help_text in (("run", _run, "run the recipe that a config names"),
+                                  ("validate", _validate, "resolve and validate a config; print the result")):
+        sub = verb(name, func, help_text)
+        sub.add_argument("config", help="YAML config file (or a bundled config name such as tiny/sft)")
+        sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
+    verb("ls", _ls, "list recipes and bundled configs")
+    sub = verb("init-tiny", _init_tiny, "write an offline tiny model + tokenizer with a chat template")
+    sub.add_argument("out_dir")
+    sub.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    sub = verb("merge", _merge, "merge a LoRA/QLoRA adapter into its base model -> a full model folder")
+    sub.add_argument("adapter_dir")
+    sub.add_argument("--out", required=True, help="folder for the merged model")
+    sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sub.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (pickle)")
+    sub.add_argument("--trust-remote-code", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PosttrainError as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("posttrain: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,286 @@
+"""Datasets in, normalized rows out.
+
+Sources: local .jsonl/.json/.csv/.parquet files, a folder of them, a hub dataset (name, subset, split), or
+`tiny:TASK` (generated offline). Several sources are mixed, each keeping `fraction` of its rows.
+
+Every row keeps its origin (``file:line``) so that an error can say exactly where the bad row is. Formats are
+normalized to four shapes that the rest of posttrain understands:
+
+    chat        {"messages": [{"role", "content"}...], "train_from": i}   messages, sharegpt, alpaca, chat p/c
+    completion  {"prompt": str, "completion": str}                      plain prompt_completion
+    text        {"text": str}                                           raw language modelling
+    preference  {"prompt": str | msgs, "chosen": str | msgs, "rejected": str | msgs}
+
+`train_from` is the index of the first message whose assistant turns carry the loss: 0 for a conversation,
+len(prompt) for a conversational prompt/completion row (TRL trains on the completion only).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posttrain.config import DataConfig, DataSource
+from posttrain.errors import PosttrainError
+
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool"}
+REQUIRED = {  # format -> columns that identify it (auto-detection checks them in this order)
+    "preference": ("chosen", "rejected"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+
+@dataclass
+class Rows:
+    """Normalized rows, where each came from, the format they were read as, and what was dropped."""
+
+    rows: list[dict]
+    origins: list[str]
+    format: str
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading one source.
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    rows, origins = [], []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise PosttrainError(f"{path}:{number}: not UTF-8 text; re-save the file as UTF-8") from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise PosttrainError(f"{path}:{number}: invalid JSON ({err.msg}); fix or remove this line") from None
+            if not isinstance(row, dict):
+                raise PosttrainError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            origins.append(f"{path}:{number}")
+    return rows, origins
+
+
+def _read_json(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PosttrainError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise PosttrainError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
+        data = next(iter(data.values()))  # {"data": [...]} style
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise PosttrainError(f"{path}: a .json dataset must be a list of objects (or use .jsonl, one per line)")
+    return data, [f"{path}[{i}]" for i in range(len(data))]
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    rows, origins = [], []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                rows.append(dict(row))
+                origins.append(f"{path}:{reader.line_num}")
+    except UnicodeDecodeError:
+        raise PosttrainError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+    except csv.Error as err:
+        raise PosttrainError(f"{path}: invalid CSV ({err})") from None
+    return rows, origins
+
+
+def _read_parquet(path: Path) -> tuple[list[dict], list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise PosttrainError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from None
+    return rows, [f"{path} row {i}" for i in range(len(rows))]
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def _read_hub(source: DataSource) -> tuple[list[dict], list[str]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PosttrainError(
+            f"data source {source.path!r}: no such local file or folder, and loading it as a hub dataset "
+            f"(split={source.split!r}) failed: {first_line}. Offline? Point data.train at a local file."
+        ) from None
+    rows = dataset.to_list()
+    return rows, [f"{source.path}[{source.split}] row {i}" for i in range(len(rows))]
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.endswith(FILE_SUFFIXES) or "\\" in text or text.count("/") > 1
+
+
+def read_source(source: DataSource) -> tuple[list[dict], list[str]]:
+    """All rows of one source, with their origins."""
+    if source.path.startswith("tiny:"):
+        from posttrain.tiny import tiny_rows
+
+        rows = tiny_rows(source.path[len("tiny:"):], source.split)
+        return rows, [f"{source.path}[{source.split}] row {i}" for i in range(len(rows))]
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in READERS and p.is_file())
+        if not files:
+            raise PosttrainError(f"{path}: folder holds no {'/'.join(FILE_SUFFIXES)} files")
+        rows, origins = [], []
+        for file in files:
+            more_rows, more_origins = READERS[file.suffix](file)
+            rows += more_rows
+            origins += more_origins
+        return rows, origins
+    if path.is_file():
+        if path.suffix not in READERS:
+            raise PosttrainError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+        return READERS[path.suffix](path)
+    if _looks_like_path(source.path):
+        raise PosttrainError(f"data file {source.path!r} does not exist (checked {path.resolve()})")
+    return _read_hub(source)
+
+
+def mix_sources(sources: list[DataSource], seed: int) -> tuple[list[dict], list[str]]:
+    """Concatenate sources, each subsampled (fraction < 1) or repeated (fraction > 1)."""
+    rng = random.Random(seed)
+    rows, origins = [], []
+    for source in sources:
+        source_rows, source_origins = read_source(source)
+        indices = list(range(len(source_rows)))
+        whole, part = divmod(source.fraction, 1.0)
+        chosen = indices * int(whole) + rng.sample(indices, round(part * len(indices)))
+        rows += [source_rows[i] for i in chosen]
+        origins += [source_origins[i] for i in chosen]
+    return rows, origins
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Formats.
+
+
+def detect_format(row: dict, origin: str) -> str:
+    for name, columns in REQUIRED.items():
+        if all(c in row for c in columns):
+            return name
+    wanted = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in REQUIRED.items())
+    raise PosttrainError(
+        f"{origin}: cannot tell the data format from columns {sorted(row)}; formats need ({wanted}). "
+        "Set data.format, or map your column names with data.columns (e.g. {prompt: question})"
+    )
+
+
+def _text(value, origin: str, column: str) -> str:
+    if not isinstance(value, str):
+        raise PosttrainError(f"{origin}: column {column!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_messages(value, origin: str, column: str, role_map: dict | None = None) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise PosttrainError(f"{origin}: column {column!r} must be a non-empty list of messages")
+    role_key, content_key = ("from", "value") if role_map else ("role", "content")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or role_key not in message or content_key not in message:
+            raise PosttrainError(f"{origin}: {column}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        role = message[role_key]
+        allowed = role_map or {r: r for r in ROLES}
+        if role not in allowed:
+            raise PosttrainError(
+                f"{origin}: {column}[{i}] has unknown role {role!r}; allowed: {', '.join(allowed)}"
+            )
+        out.append({"role": allowed[role], "content": _text(message[content_key], origin, f"{column}[{i}].content")})
+    return out
+
+
+def normalize_row(row: dict, fmt: str, origin: str, system_prompt: str | None) -> dict:
+    """One raw row in format `fmt` -> one normalized row (see the module docstring)."""
+    missing = [c for c in REQUIRED[fmt] if c not in row]
+    if missing:
+        raise PosttrainError(f"{origin}: missing column(s) {missing} for format {fmt!r}; found {sorted(row)}")
+    if fmt == "text":
+        return {"text": _text(row["text"], origin, "text")}
+    if fmt == "preference":
+        from posttrain.preference import normalize_preference
+
+        return normalize_preference(row, origin)
+    if fmt == "prompt_completion" and isinstance(row["prompt"], str):
+        return {"prompt": _text(row["prompt"], origin, "prompt"), "completion": _text(row["completion"], origin,
+                                                                                          "completion")}
+    if fmt == "prompt_completion":
+        prompt = parse_messages(row["prompt"], origin, "prompt")
+        messages, train_from = prompt + parse_messages(row["completion"], origin, "completion"), len(prompt)
+    elif fmt == "alpaca":
+        instruction = _text(row["instruction"], origin, "instruction")
+        extra = _text(row.get("input") or "", origin, "input")
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages, train_from = [{"role": "user", "content": user},
+                                {"role": "assistant", "content": _text(row["output"], origin, "output")}], 0
+    elif fmt == "sharegpt":
+        messages, train_from = parse_messages(row["conversations"], origin, "conversations", SHAREGPT_ROLES), 0
+    else:
+        messages, train_from = parse_messages(row["messages"], origin, "messages"), 0
+    if system_prompt and messages[0]["role"] != "system":
+        messages, train_from = [{"role": "system", "content": system_prompt}] + messages, train_from + 1
+    return {"messages": messages, "train_from": train_from}
+
+
+def normalize(rows: list[dict], origins: list[str], cfg: DataConfig, label: str) -> Rows:
+    """Rename columns, detect the format (from the first row) and normalize every row."""
+    if not rows:
+        raise PosttrainError(f"data.{label}: the source(s) hold no rows; check the path, split and fraction")
+    reverse = {theirs: ours for ours, theirs in cfg.columns.items()}
+    rows = [{reverse.get(k, k): v for k, v in row.items()} for row in rows]
+    fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], origins[0])
+    out = Rows([normalize_row(r, fmt, o, cfg.system_prompt) for r, o in zip(rows, origins)], origins, fmt)
+    if fmt == "preference":
+        from posttrain.preference import drop_identical
+
+        drop_identical(out)
+    if not out.rows:
+        raise PosttrainError(f"data.{label}: no rows left after filtering ({out.dropped}); check the data")
+    return out
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[Rows, Rows | None]:
+    """(train, eval) normalized rows. Without data.eval, hold out eval_fraction of train (seeded)."""
+    rows, origins = mix_sources(cfg.train, seed)
+    if cfg.eval:
+        eval_rows, eval_origins = mix_sources(cfg.eval, seed)
+        held = None
+    else:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(cfg.max_eval_rows, int(len(rows) * cfg.eval_fraction))
+        held, order = order[:n_eval], order[n_eval:]
+        eval_rows, eval_origins = [rows[i] for i in held], [origins[i] for i in held]
+        rows, origins = [rows[i] for i in sorted(order)], [origins[i] for i in sorted(order)]
+    train = normalize(rows, origins, cfg, "train")
+    if not eval_rows:
+        return train, None
+    if held is None:
+        return train, normalize(eval_rows, eval_origins, cfg, "eval")
+    return train, normalize(eval_rows[: cfg.max_eval_rows], eval_origins[: cfg.max_eval_rows], cfg, "eval")

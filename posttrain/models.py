@@ -1,0 +1,200 @@
+"""Loading and saving Hugging Face models, tokenizers and adapters with secure defaults.
+
+- safetensors only unless `model.allow_pickle: true`; `trust_remote_code` off unless set.
+- A missing local path and an unreachable hub name fail with one line saying which it was.
+- pad must differ from eos (the end-of-turn/EOS token is supervised): an existing pad-like special token is
+  reused; only if there is none is `<|pad|>` added (and the embeddings resized).
+- A tokenizer without a chat template gets DEFAULT_CHAT_TEMPLATE (ChatML markup ending each turn with the
+  model's EOS, so generation stops by itself); it is saved with every output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from posttrain.config import AdapterConfig, ModelConfig
+from posttrain.errors import PosttrainError
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+def resolve_path(name_or_path: str, allow_pickle: bool = False) -> str:
+    """A local folder, a `tiny:` model (built on first use) or a hub name; fails clearly on a bad local path."""
+    if name_or_path.startswith("tiny:"):
+        from posttrain.tiny import resolve_tiny_model
+
+        return str(resolve_tiny_model(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PosttrainError(f"model path {name_or_path!r} is a file; give the model's folder")
+        has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+        has_pickle = any((path / name).exists() for name in PICKLE_WEIGHTS)
+        if has_pickle and not has_safetensors and not allow_pickle:
+            raise PosttrainError(
+                f"{path} holds only pickle weights (pytorch_model.bin), which can run code when loaded; convert "
+                "them to safetensors, or set model.allow_pickle: true if you trust the source"
+            )
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise PosttrainError(f"model path {name_or_path!r} does not exist (checked {path.resolve()})")
+    return name_or_path  # a hub name: transformers resolves it (network or HF cache)
+
+
+def _hub_error(name: str, err: Exception) -> PosttrainError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
+    why = str(err).splitlines()[0]
+    if offline:
+        why = "the hub is unreachable (offline?) and it is not in the local HF cache"
+    return PosttrainError(f"model {name!r} is not a local folder and loading it from the hub failed: {why}")
+
+
+def load_tokenizer(cfg: ModelConfig, resolved: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise _hub_error(cfg.name_or_path, err) from None
+    if not tokenizer.is_fast:
+        raise PosttrainError(f"{cfg.name_or_path}: posttrain needs a fast tokenizer (for loss-mask offsets)")
+    if cfg.chat_template:
+        template = Path(cfg.chat_template)
+        tokenizer.chat_template = template.read_text() if template.is_file() else cfg.chat_template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if tokenizer.eos_token is None:
+        raise PosttrainError(f"{cfg.name_or_path}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+    _ensure_distinct_pad(tokenizer)
+    return tokenizer
+
+
+def _ensure_distinct_pad(tokenizer) -> None:
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    candidates = [t.content for t in tokenizer.added_tokens_decoder.values()
+                  if "pad" in t.content.lower() and t.content != tokenizer.eos_token]
+    if candidates:  # e.g. Llama 3's <|finetune_right_pad_id|>, Qwen's <|vision_pad|>
+        candidates.sort(key=lambda c: ("finetune" not in c, len(c)))
+        tokenizer.pad_token = candidates[0]
+    elif tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+        tokenizer.pad_token = tokenizer.unk_token
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: AdapterConfig | None = None):
+    """The causal LM for training or inference; 4-bit (bitsandbytes) when adapter.method is qlora."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        revision=cfg.revision,
+        dtype=torch_dtype(cfg.dtype),
+        trust_remote_code=cfg.trust_remote_code,
+        use_safetensors=None if cfg.allow_pickle else True,
+    )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if adapter is not None and adapter.method == "qlora":
+        kwargs["quantization_config"] = qlora_quantization(adapter, kwargs["dtype"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except OSError as err:
+        if Path(resolved).is_dir():
+            raise PosttrainError(f"{resolved}: cannot load the model: {str(err).splitlines()[0]}") from None
+        raise _hub_error(cfg.name_or_path, err) from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # only when a pad token had to be added
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def qlora_quantization(adapter: AdapterConfig, compute_dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PosttrainError("adapter.method: qlora needs bitsandbytes: pip install 'posttrain[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=adapter.quant_type,
+        bnb_4bit_use_double_quant=adapter.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,  # lets FSDP shard the 4-bit weights like the rest
+    )
+
+
+def lora_config(adapter: AdapterConfig | None):
+    """peft LoraConfig for the adapter section (None: full fine-tuning)."""
+    if adapter is None:
+        return None
+    from peft import LoraConfig
+
+    targets = adapter.target_modules
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        use_rslora=adapter.use_rslora,
+        use_dora=adapter.use_dora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise PosttrainError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; add it")
+    return base
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
+                  allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+    """LoRA adapter + its base -> one full model folder (written atomically). A QLoRA adapter is merged
+    into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them)."""
+    from peft import PeftModel
+
+    from posttrain.outputs import atomic_dir
+
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise PosttrainError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
+    base_cfg = ModelConfig(name_or_path=adapter_base(adapter_dir), dtype=dtype, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
+    resolved = resolve_path(base_cfg.name_or_path, allow_pickle)
+    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(resolved)
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)), str(tokenizer_source))
+    base = load_model(base_cfg, resolved, tokenizer)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with atomic_dir(out_dir) as staging:
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return Path(out_dir)

@@ -1,0 +1,95 @@
+"""Run folders that never look complete unless they are.
+
+Contract (DESIGN.md §3): `output_dir/` holds the model or adapter, `posttrain.yaml` (resolved config, written
+first), a model card `README.md`, and `metrics.json`, written LAST. metrics.json is the completeness marker:
+the final artifacts are written into a staging folder and moved in before it, so a crash at any point leaves
+no metrics.json and the folder reads as unfinished.
+
+An output_dir holding a finished run is refused unless `overwrite: true`; one holding an unfinished run of
+posttrain's is cleared and reused; a non-empty folder that posttrain did not write is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from posttrain.config import Config, dump_yaml
+from posttrain.errors import PosttrainError
+
+CONFIG_FILE, METRICS_FILE, CARD_FILE = "posttrain.yaml", "metrics.json", "README.md"
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PosttrainError(f"output_dir {out} is a file; choose a folder")
+    if is_complete(out) and not cfg.overwrite:
+        raise PosttrainError(
+            f"output_dir {out} already holds a finished run (metrics.json); set overwrite: true "
+            "(e.g. add overwrite=true to the command) or choose another output_dir"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        raise PosttrainError(f"output_dir {out} is not empty and was not written by posttrain; choose another")
+    if out.is_dir():
+        shutil.rmtree(out)  # our own unfinished or overwritten run
+    out.mkdir(parents=True)
+    write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
+    return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path):
+    """Yield a staging folder beside `target`; on success it replaces `target` in one rename."""
+    target = Path(target).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def finish_run(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
+    """Stage artifacts (save_artifacts(folder) writes model/tokenizer), move them in, then metrics.json."""
+    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=run_dir))
+    try:
+        save_artifacts(staging)
+        (staging / CARD_FILE).write_text(card, encoding="utf-8")
+        for item in staging.iterdir():
+            destination = run_dir / item.name
+            if destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(item, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json_atomic(run_dir / METRICS_FILE, metrics)
+
+
+def load_result(run_dir: str | Path) -> dict:
+    """The metrics of a finished run; fails clearly on an unfinished one."""
+    run_dir = Path(run_dir)
+    if not is_complete(run_dir):
+        raise PosttrainError(f"{run_dir} holds no finished run (no {METRICS_FILE}); it crashed or is running")
+    return json.loads((run_dir / METRICS_FILE).read_text())

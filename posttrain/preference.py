@@ -1,0 +1,69 @@
+"""Preference rows (prompt, chosen, rejected) in the shapes public datasets use.
+
+- explicit, plain:           {"prompt": str, "chosen": str, "rejected": str}
+- explicit, conversational:  {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}
+- implicit prompt:           {"chosen": [msgs], "rejected": [msgs]}: the prompt is their shared prefix
+- UltraFeedback style:       {"prompt": str, "chosen": [user, assistant], "rejected": [user, assistant]}:
+                             the message lists repeat the prompt, so the shared prefix is the prompt.
+
+Normalized output: {"prompt": str | [msgs], "chosen": str | [msgs], "rejected": str | [msgs]} with the prompt
+removed from chosen/rejected.
+"""
+
+from __future__ import annotations
+
+from posttrain.errors import PosttrainError
+
+
+def _as_messages(value, origin: str, column: str) -> list[dict] | None:
+    if isinstance(value, str):
+        return None
+    from posttrain.data import parse_messages
+
+    return parse_messages(value, origin, column)
+
+
+def _shared_prefix(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def normalize_preference(row: dict, origin: str) -> dict:
+    chosen = _as_messages(row["chosen"], origin, "chosen")
+    rejected = _as_messages(row["rejected"], origin, "rejected")
+    if (chosen is None) != (rejected is None):
+        raise PosttrainError(f"{origin}: chosen and rejected must both be strings or both be message lists")
+    prompt = row.get("prompt")
+    if chosen is None:  # plain strings
+        if not isinstance(prompt, str):
+            raise PosttrainError(
+                f"{origin}: plain-text chosen/rejected need a string 'prompt' column (implicit prompts are only "
+                "taken from message lists); map yours with data.columns"
+            )
+        return {"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]}
+    prompt_msgs = _as_messages(prompt, origin, "prompt") if prompt is not None else None
+    if prompt_msgs is not None and chosen[: len(prompt_msgs)] != prompt_msgs:
+        return {"prompt": prompt_msgs, "chosen": chosen, "rejected": rejected}  # explicit, conversational
+    shared = _shared_prefix(chosen, rejected)
+    while shared and chosen[shared - 1]["role"] == "assistant" and shared == min(len(chosen), len(rejected)):
+        shared -= 1  # identical final answers: keep them as completions so the pair is seen as identical
+    if shared == 0:
+        raise PosttrainError(
+            f"{origin}: chosen and rejected share no prompt (their first messages differ) and no explicit "
+            "'prompt' column is given; add one, or make both lists start with the same prompt messages"
+        )
+    if chosen[shared - 1]["role"] == "assistant" or not chosen[shared:] or not rejected[shared:]:
+        raise PosttrainError(f"{origin}: after the shared prompt, chosen and rejected must each hold the answer")
+    return {"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
+
+
+def drop_identical(rows) -> None:
+    """Remove pairs whose chosen equals rejected (they carry no preference); count them in rows.dropped."""
+    keep = [i for i, r in enumerate(rows.rows) if r["chosen"] != r["rejected"]]
+    dropped = len(rows.rows) - len(keep)
+    if dropped:
+        rows.dropped["identical_chosen_rejected"] = dropped
+        rows.rows = [rows.rows[i] for i in keep]
+        rows.origins = [rows.origins[i] for i in keep]

@@ -1,0 +1,189 @@
+"""An offline tiny model, tokenizer and task family, so tests and the demo never touch a hub.
+
+The tokenizer is a byte-level BPE trained here on text this module generates; the model is a randomly
+initialised Llama or Qwen2 with the same wiring as the real ones (so every code path is the real one).
+The task family is two-digit arithmetic, whose answers can be checked exactly. The chat template is ChatML
+*without* `{% generation %}` tags, on purpose: posttrain must derive loss masks for templates like that.
+
+Config files refer to these as ``model.name_or_path: tiny:llama`` and ``data.train: tiny:chat``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from posttrain.errors import PosttrainError
+
+TINY_VERSION = 1
+ARCHS = ("llama", "qwen2")
+TASKS = ("chat", "prompt_completion", "text", "preference", "alpaca", "sharegpt")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SYSTEM_PROMPT = "You are a careful calculator."
+TRAIN_ROWS, TEST_ROWS = 512, 64
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task family: a + b, with a held-out set that never appears in training.
+
+
+def _problems(split: str) -> list[tuple[int, int]]:
+    """All (a, b) pairs with a, b in 0..49; one pair in eight is held out, chosen by a fixed rule."""
+    pairs = [(a, b) for a in range(50) for b in range(50)]
+    test = [p for p in pairs if (p[0] * 7 + p[1] * 13) % 8 == 0]
+    train = [p for p in pairs if (p[0] * 7 + p[1] * 13) % 8 != 0]
+    if split not in ("train", "test"):
+        raise PosttrainError(f"tiny data has splits 'train' and 'test', not {split!r}")
+    return train if split == "train" else test
+
+
+def _question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def _wrong_answer(a: int, b: int, rng: random.Random) -> int:
+    """A plausible wrong answer: off by one or ten, or a digit slip."""
+    wrong = a + b + rng.choice([-10, -1, 1, 10, 2])
+    return wrong if wrong >= 0 and wrong != a + b else a + b + 1
+
+
+def tiny_rows(task: str, split: str = "train") -> list[dict]:
+    """Rows of one task format; deterministic. Formats mirror the public datasets posttrain reads."""
+    if task not in TASKS:
+        raise PosttrainError(f"unknown tiny dataset 'tiny:{task}'; choose one of {', '.join(TASKS)}")
+    rng = random.Random(f"{task}-{split}")
+    pairs = _problems(split)
+    pairs = [rng.choice(pairs) for _ in range(TRAIN_ROWS if split == "train" else TEST_ROWS)]
+    rows = []
+    for i, (a, b) in enumerate(pairs):
+        question, answer = _question(a, b), str(a + b)
+        if task == "chat":
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            if i % 2:
+                messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+            rows.append({"messages": messages})
+        elif task == "prompt_completion":
+            rows.append({"prompt": question + " Answer:", "completion": " " + answer})
+        elif task == "text":
+            rows.append({"text": f"{a} plus {b} equals {a + b}. {question} It is {answer}."})
+        elif task == "preference":
+            wrong = str(_wrong_answer(a, b, rng))
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": question}],
+                    "chosen": [{"role": "assistant", "content": answer}],
+                    "rejected": [{"role": "assistant", "content": wrong}],
+                }
+            )
+        elif task == "alpaca":
+            rows.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": answer})
+        else:  # sharegpt
+            rows.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+    return rows
+
+
+def _corpus() -> list[str]:
+    """Text the tokenizer is trained on: every task's surface forms plus the chat markup."""
+    lines = []
+    for task in ("text", "prompt_completion", "alpaca"):
+        for row in tiny_rows(task, "train"):
+            lines.append(" ".join(str(v) for v in row.values()))
+    for row in tiny_rows("chat", "train"):  # the chat markup as the template renders it
+        lines.append("".join(f"{m['role']}\n{m['content']}\n" for m in row["messages"]))
+    return lines * 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer and model.
+
+
+def build_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=1024,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_model(tokenizer, arch: str = "llama", hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+
+    if arch not in ARCHS:
+        raise PosttrainError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model.generation_config = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def build_tiny(out_dir: str | Path, arch: str = "llama") -> Path:
+    """Write a tiny model + tokenizer (with chat template) to out_dir, atomically."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, arch)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def resolve_tiny_model(spec: str) -> Path:
+    """`tiny:llama` -> a cached folder holding the tiny model, built on first use."""
+    arch = spec.split(":", 1)[1] or "llama"
+    target = cache_dir() / f"tiny-{arch}-v{TINY_VERSION}"
+    if not (target / "config.json").is_file():
+        build_tiny(target, arch)
+    return target

@@ -1,0 +1,159 @@
+"""From posttrain's typed config to TRL's trainer arguments, and what a finished run reports.
+
+One mapping, in one place, shared by every recipe: the recipes add only their objective's own arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from posttrain.config import Config, dump_yaml
+from posttrain.errors import PosttrainError
+
+
+def device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86'})"
+
+
+def precision_flags(precision: str) -> dict:
+    """auto: bf16 where the GPU has it, fp32 elsewhere (CPU bf16 autocast is slower than fp32 here)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise PosttrainError("train.precision: fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda}
+
+
+def checkpointing_flag(args_class, enabled: bool) -> dict:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; accept both."""
+    names = {f.name for f in dataclasses.fields(args_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, **recipe_args):
+    """TRL SFTConfig / DPOConfig (args_class) from the typed config."""
+    train = cfg.train
+    return args_class(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=train.max_steps,
+        num_train_epochs=train.num_epochs,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        max_length=train.max_length,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps or None,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        report_to=[] if train.report_to == "none" else [train.report_to],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_drop_last=False,
+        **precision_flags(train.precision),
+        **checkpointing_flag(args_class, train.gradient_checkpointing),
+        **recipe_args,
+    )
+
+
+class LossHistory(TrainerCallback):
+    """Keeps every logged training loss (and step), for metrics.json and the loss-fell checks."""
+
+    def __init__(self):
+        self.losses: list[tuple[int, float]] = []
+        self.logs: list[dict] = []
+        self.started = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        self.logs.append({"step": state.global_step, **logs})
+        if "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    import posttrain
+
+    return {"posttrain": posttrain.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__}
+
+
+def run_metrics(trainer, train_output, history: LossHistory, data_counts: dict, extra: dict) -> dict:
+    """metrics.json: losses, tokens (non-padding inputs), throughput over the training loop, versions."""
+    state = trainer.state
+    runtime = time.perf_counter() - history.started
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    train_runtime = float(train_output.metrics.get("train_runtime", runtime))
+    return {
+        "train_loss_first": history.losses[0][1] if history.losses else None,
+        "train_loss_last": history.losses[-1][1] if history.losses else None,
+        "train_loss_history": history.losses,
+        "steps": state.global_step,
+        "trained_tokens": tokens,
+        "tokens_per_second": tokens / train_runtime if train_runtime else None,
+        "train_runtime_s": train_runtime,
+        "runtime_s": runtime,
+        "data": data_counts,
+        **extra,
+        "device": device_name(),
+        "versions": versions(),
+    }
+
+
+def model_card(cfg: Config, metrics: dict, is_adapter: bool, recipe_title: str) -> str:
+    """README.md for the output folder: Hugging Face front matter + what was done and measured."""
+    datasets = [s.path for s in cfg.data.train if not s.path.startswith(("tiny:", ".", "/", "~"))
+                and not Path(s.path).exists()]
+    tags = ["posttrain", cfg.recipe] + ([cfg.adapter.method] if cfg.adapter else [])
+    library = "peft" if is_adapter else "transformers"
+    front = ["---", f"base_model: {cfg.model.name_or_path}", f"library_name: {library}",
+             "pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags]
+    if datasets:
+        front += ["datasets:"] + [f"- {d}" for d in datasets]
+    front.append("---")
+    rows = [(k, metrics.get(k)) for k in ("train_loss_first", "train_loss_last", "eval_loss", "steps",
+                                          "trained_tokens", "tokens_per_second", "train_runtime_s")]
+    table = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in rows
+                      if v is not None)
+    return "\n".join(front) + f"""
+
+# {Path(cfg.output_dir).name}
+
+{recipe_title} of `{cfg.model.name_or_path}` with [posttrain](https://github.com/posttrain/posttrain),
+on {', '.join(f'`{s.path}`' for s in cfg.data.train)}.
+
+| metric | value |
+| --- | --- |
+{table}
+
+Data: {metrics.get('data')}
+
+## Config
+
+```yaml
+{dump_yaml(cfg)}```
+"""

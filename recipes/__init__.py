@@ -1,0 +1,1 @@
+"""One recipe per training objective (installed as `posttrain.recipes`). Each module has `main(cfg) -> metrics`."""

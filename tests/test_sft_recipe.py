@@ -1,0 +1,110 @@
+"""The sft recipe on the tiny model: full, LoRA, QLoRA; outputs load with plain transformers / peft."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import posttrain
+from posttrain.config import load_config
+from posttrain.errors import PosttrainError
+from posttrain.outputs import is_complete
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def run_tiny(name, out, *overrides):
+    cfg = load_config(CONFIGS / "tiny" / f"{name}.yaml",
+                      [f"output_dir={out}", "train.max_steps=20", "train.logging_steps=5", *overrides])
+    return cfg, posttrain.run(cfg)
+
+
+def assert_finished(out: Path, metrics: dict):
+    assert is_complete(out) and (out / "posttrain.yaml").is_file() and (out / "README.md").is_file()
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["train_loss_first"] == metrics["train_loss_first"]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.3, metrics["train_loss_history"]
+    assert metrics["trained_tokens"] > 0 and metrics["tokens_per_second"] > 0
+    assert set(metrics["versions"]) >= {"torch", "transformers", "trl", "peft", "posttrain"}
+    assert "base_model: tiny:llama" in (out / "README.md").read_text()
+
+
+def test_full_sft_trains_and_loads_in_plain_transformers(tmp_path, tiny_model_dir):
+    out = tmp_path / "sft"
+    _, metrics = run_tiny("sft", out)
+    assert_finished(out, metrics)
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert len(changed) == len(list(base.parameters()))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+
+
+def test_lora_adapter_loads_with_peft_and_merge_matches(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+
+    out = tmp_path / "lora"
+    _, metrics = run_tiny("lora", out)
+    assert_finished(out, metrics)
+    assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+    from posttrain.cli import main
+
+    assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        diff = (adapted(ids).logits - merged(ids).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_qlora_trains_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    _, metrics = run_tiny("qlora", out)
+    assert_finished(out, metrics)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].endswith("tiny-llama-v1") and config["r"] == 16
+
+
+def test_finished_run_is_refused_and_overwrite_replaces_it(tmp_path):
+    out = tmp_path / "sft"
+    run_tiny("sft", out, "train.max_steps=2")
+    with pytest.raises(PosttrainError, match="already holds a finished run"):
+        run_tiny("sft", out, "train.max_steps=2")
+    _, metrics = run_tiny("sft", out, "train.max_steps=3", "overwrite=true")
+    assert metrics["steps"] == 3
+
+
+def test_crash_leaves_no_finished_looking_output(tmp_path, monkeypatch):
+    import trl
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("simulated crash in the middle of training")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", explode)
+    out = tmp_path / "sft"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_tiny("sft", out)
+    assert not is_complete(out) and not (out / "model.safetensors").exists()
+    monkeypatch.undo()
+    _, metrics = run_tiny("sft", out, "train.max_steps=2")  # an unfinished run of ours is reused
+    assert is_complete(out) and metrics["steps"] == 2
+
+
+def test_foreign_folder_is_never_clobbered(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(PosttrainError, match="not empty and was not written by posttrain"):
+        run_tiny("sft", out)
+    assert (out / "thesis.tex").read_text() == "precious"
