@@ -2,7 +2,9 @@
 
 The tokenizer is a byte-level BPE trained here on text this module generates; the model is a randomly
 initialised Llama or Qwen2 with the same wiring as the real ones (so every code path is the real one).
-The task family is two-digit arithmetic, whose answers can be checked exactly. The chat template is ChatML
+The task family is addition (a two-digit number plus a one-digit number), whose answers can be checked
+exactly; one problem in eight is held out, so a model that scores on the test split has learned to add
+(the carry), not memorized. The chat template is ChatML
 *without* `{% generation %}` tags, on purpose: posttrain must derive loss masks for templates like that.
 
 Config files refer to these as ``model.name_or_path: tiny:llama`` and ``data.train: tiny:chat``.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 ARCHS = ("llama", "qwen2")
 TASKS = ("chat", "prompt_completion", "text", "preference", "alpaca", "sharegpt")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -29,7 +31,6 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 SYSTEM_PROMPT = "You are a careful calculator."
-TRAIN_ROWS, TEST_ROWS = 512, 64
 
 
 def cache_dir() -> Path:
@@ -41,8 +42,8 @@ def cache_dir() -> Path:
 
 
 def _problems(split: str) -> list[tuple[int, int]]:
-    """All (a, b) pairs with a, b in 0..49; one pair in eight is held out, chosen by a fixed rule."""
-    pairs = [(a, b) for a in range(50) for b in range(50)]
+    """All (a, b) with a in 10..89 and b in 1..9 (720); one pair in eight is held out by a fixed rule."""
+    pairs = [(a, b) for a in range(10, 90) for b in range(1, 10)]
     test = [p for p in pairs if (p[0] * 7 + p[1] * 13) % 8 == 0]
     train = [p for p in pairs if (p[0] * 7 + p[1] * 13) % 8 != 0]
     if split not in ("train", "test"):
@@ -55,9 +56,10 @@ def _question(a: int, b: int) -> str:
 
 
 def _wrong_answer(a: int, b: int, rng: random.Random) -> int:
-    """A plausible wrong answer: off by one or ten, or a digit slip."""
-    wrong = a + b + rng.choice([-10, -1, 1, 10, 2])
-    return wrong if wrong >= 0 and wrong != a + b else a + b + 1
+    """A plausible wrong answer: the carry forgotten when there is one, else off by one or by ten."""
+    if a % 10 + b >= 10:
+        return a + b - 10
+    return a + b + rng.choice([-10, -1, 1, 10])
 
 
 def tiny_rows(task: str, split: str = "train") -> list[dict]:
@@ -66,7 +68,7 @@ def tiny_rows(task: str, split: str = "train") -> list[dict]:
         raise PosttrainError(f"unknown tiny dataset 'tiny:{task}'; choose one of {', '.join(TASKS)}")
     rng = random.Random(f"{task}-{split}")
     pairs = _problems(split)
-    pairs = [rng.choice(pairs) for _ in range(TRAIN_ROWS if split == "train" else TEST_ROWS)]
+    rng.shuffle(pairs)
     rows = []
     for i, (a, b) in enumerate(pairs):
         question, answer = _question(a, b), str(a + b)
@@ -115,7 +117,9 @@ def build_tokenizer(vocab_size: int = 384):
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits split one by one (as Llama 3 and Qwen2 do), so arithmetic is learnable digit by digit.
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

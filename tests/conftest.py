@@ -28,3 +28,17 @@ def tiny_tokenizer(tiny_model_dir):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~30 s on a 2-core CPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_dir(tmp_path_factory):
+    """The tiny model after configs/tiny/sft.yaml (once per session): the start of DPO and ternary tests."""
+    from pathlib import Path
+
+    import posttrain
+    from posttrain.config import load_config
+
+    out = tmp_path_factory.mktemp("shared") / "tiny-sft"
+    config = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "sft.yaml"
+    posttrain.run(load_config(config, [f"output_dir={out}"]))
+    return out

@@ -67,9 +67,12 @@ def test_template_without_special_end_token_trims_whitespace(tiny_tokenizer):
                          "{% if add_generation_prompt %}assistant: {% endif %}")
     example = chat_example(tok, CONVERSATION[1:3], 0, "row", special_ids(tok))
     runs = supervised_runs(tok, example)
-    # " 19" is one token that straddles the prompt/answer boundary: it is supervised (it holds the answer);
-    # the newline after the answer is not.
-    assert [tok.decode([example["input_ids"][i] for i in r]) for r in runs] == [" 19"]
+    assert [tok.decode([example["input_ids"][i] for i in r]) for r in runs] == ["19"]  # not the newline after
+    # " is" is one token straddling the prompt/answer boundary: supervised, since it holds the answer.
+    turns = [CONVERSATION[1], {"role": "assistant", "content": "is"}]
+    example = chat_example(tok, turns, 0, "row", special_ids(tok))
+    runs = supervised_runs(tok, example)
+    assert [tok.decode([example["input_ids"][i] for i in r]) for r in runs] == [" is"]
 
 
 def test_matches_transformers_generation_mask_when_tags_exist(tiny_tokenizer):

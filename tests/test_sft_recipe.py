@@ -11,6 +11,7 @@ import posttrain
 from posttrain.config import load_config
 from posttrain.errors import PosttrainError
 from posttrain.outputs import is_complete
+from posttrain.tiny import TINY_VERSION
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -73,7 +74,7 @@ def test_qlora_trains_4bit_base(tmp_path):
     _, metrics = run_tiny("qlora", out)
     assert_finished(out, metrics)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"].endswith("tiny-llama-v1") and config["r"] == 16
+    assert config["base_model_name_or_path"].endswith(f"tiny-llama-v{TINY_VERSION}") and config["r"] == 16
 
 
 def test_finished_run_is_refused_and_overwrite_replaces_it(tmp_path):
