@@ -158,20 +158,80 @@ class TrainConfig:
         return out
 
 
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOSettings:
+    """Preference optimization (recipe: dpo), on TRL's DPOTrainer; loss names and meanings are TRL's."""
+
+    beta: float = 0.1
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # several combine with loss_weights
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0  # conservative DPO / robust: the assumed label-flip rate
+    ref_model: str | None = None  # null: the starting model is the reference
+    precompute_ref: bool = True  # reference log-probs once, cached on disk (no reference copy in memory)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.beta > 0:
+            out.append(("beta", "must be > 0"))
+        unknown = [t for t in self.loss_type if t not in DPO_LOSSES]
+        if unknown or not self.loss_type:
+            out.append(("loss_type", f"must be a list of {', '.join(DPO_LOSSES)}; unknown: {unknown}"))
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            out.append(("loss_weights", f"needs one weight per loss_type ({len(self.loss_type)})"))
+        if not 0 <= self.label_smoothing < 0.5:
+            out.append(("label_smoothing", "must be in [0, 0.5)"))
+        return out
+
+
+@dataclass
+class TernarySettings:
+    """1.58-bit ternary QAT (recipe: ternary): BitNet b1.58 weights and 8-bit activations, straight-through.
+
+    The quantized forward blends x + lambda * (q(x) - x).detach(), lambda rising from 0 to 1 over
+    lambda_warmup_steps (schedule linear or sigmoid; none: quantized from the first step).
+    """
+
+    lambda_schedule: Literal["linear", "sigmoid", "none"] = "linear"
+    lambda_warmup_steps: int = 100
+    granularity: Literal["tensor", "channel", "group"] = "tensor"  # only tensor exports to transformers' format
+    group_size: int | None = None  # granularity: group
+    skip: list[str] = field(default_factory=list)  # module-name patterns kept dense (embeddings, lm_head always)
+    use_rms_norm: bool = False  # an RMSNorm before activation quantization (transformers' use_rms_norm)
+    fake_quant_export: bool = False  # also write output_dir/fake_quant: dense weights = ternary x scale
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.lambda_warmup_steps < 0:
+            out.append(("lambda_warmup_steps", "must be >= 0"))
+        if self.granularity == "group" and not (self.group_size and self.group_size > 0):
+            out.append(("group_size", "must be a positive integer when granularity is group"))
+        return out
+
+
 @dataclass
 class Config:
     """A whole run: which recipe, on which model and data, written where."""
 
-    recipe: Literal["sft"] = "sft"
+    recipe: Literal["sft", "dpo", "ternary"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig | None = None  # absent: full fine-tuning
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)  # used by recipe: dpo
+    ternary: TernarySettings = field(default_factory=TernarySettings)  # used by recipe: ternary
     output_dir: str = ""
     overwrite: bool = False  # replace an output_dir that holds a finished run
 
     def problems(self) -> list[tuple[str, str]]:
-        return [] if self.output_dir else [("output_dir", "is required: the folder the run writes")]
+        if not self.output_dir:
+            return [("output_dir", "is required: the folder the run writes")]
+        if self.recipe == "ternary" and self.adapter is not None:
+            return [("adapter", "must be absent for recipe: ternary (QAT trains the full weights)")]
+        return []
 
 
 # ----------------------------------------------------------------------------------------------------------

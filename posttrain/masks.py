@@ -85,7 +85,7 @@ def chat_example(tokenizer, messages: list[dict], train_from: int, origin: str, 
     return {"input_ids": ids, "labels": labels}
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -98,7 +98,7 @@ def completion_example(tokenizer, prompt: str, completion: str) -> dict:
         completion += tokenizer.eos_token
     prompt_ids = tokenizer(prompt)["input_ids"]
     ids = tokenizer(prompt + completion)["input_ids"]
-    start = _common_prefix(prompt_ids, ids)
+    start = common_prefix_length(prompt_ids, ids)
     return {"input_ids": ids, "labels": [IGNORE] * start + ids[start:]}
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -102,9 +103,19 @@ def torch_dtype(name: str):
 
 
 def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: AdapterConfig | None = None):
-    """The causal LM for training or inference; 4-bit (bitsandbytes) when adapter.method is qlora."""
+    """The causal LM for training or inference; 4-bit (bitsandbytes) when adapter.method is qlora.
+
+    `resolved` may be a LoRA adapter folder (e.g. an SFT run's output): its base is loaded and the adapter
+    merged in, so the next stage (DPO, a new adapter) starts from the adapted model.
+    """
     from transformers import AutoModelForCausalLM
 
+    if is_adapter_dir(resolved):
+        return _load_merged_adapter(cfg, resolved, tokenizer, adapter)
+    if is_ternary_dir(resolved):  # a posttrain/BitNet export: trainable BitLinear layers, weights = ternary x scale
+        from posttrain.ternary import load_ternary
+
+        return load_ternary(resolved, torch_dtype(cfg.dtype))
     kwargs = dict(
         revision=cfg.revision,
         dtype=torch_dtype(cfg.dtype),
@@ -128,6 +139,18 @@ def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: Adapter
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _load_merged_adapter(cfg: ModelConfig, adapter_dir: str, tokenizer, adapter: AdapterConfig | None):
+    from peft import PeftModel
+
+    if adapter is not None and adapter.method == "qlora":
+        raise PosttrainError(f"{adapter_dir} is a LoRA adapter; merge it first (posttrain merge {adapter_dir} "
+                             "--out DIR) and start QLoRA from the merged folder")
+    base_name = adapter_base(adapter_dir)
+    base_cfg = dataclasses.replace(cfg, name_or_path=base_name)
+    base = load_model(base_cfg, resolve_path(base_name, cfg.allow_pickle), tokenizer)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 def qlora_quantization(adapter: AdapterConfig, compute_dtype):
@@ -164,6 +187,14 @@ def lora_config(adapter: AdapterConfig | None):
     )
 
 
+def is_ternary_dir(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    return quantization.get("quant_method") == "bitnet"
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
@@ -180,20 +211,17 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                   allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """LoRA adapter + its base -> one full model folder (written atomically). A QLoRA adapter is merged
     into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them)."""
-    from peft import PeftModel
-
     from posttrain.outputs import atomic_dir
 
     adapter_dir = Path(adapter_dir)
     if not is_adapter_dir(adapter_dir):
         raise PosttrainError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
-    base_cfg = ModelConfig(name_or_path=adapter_base(adapter_dir), dtype=dtype, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
-    resolved = resolve_path(base_cfg.name_or_path, allow_pickle)
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(resolved)
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(tokenizer_source)), str(tokenizer_source))
-    base = load_model(base_cfg, resolved, tokenizer)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    cfg = ModelConfig(name_or_path=str(adapter_dir), dtype=dtype, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
+    tokenizer_source = str(adapter_dir) if has_tokenizer else resolve_path(adapter_base(adapter_dir), allow_pickle)
+    tokenizer = load_tokenizer(dataclasses.replace(cfg, name_or_path=tokenizer_source), tokenizer_source)
+    merged = load_model(cfg, str(adapter_dir), tokenizer)
     with atomic_dir(out_dir) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

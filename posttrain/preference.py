@@ -67,3 +67,53 @@ def drop_identical(rows) -> None:
         rows.dropped["identical_chosen_rejected"] = dropped
         rows.rows = [rows.rows[i] for i in keep]
         rows.origins = [rows.origins[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenization, as TRL's DPOTrainer does it (so losses and rewards are comparable with TRL's):
+# the prompt is rendered with the generation prompt; each completion is what prompt+completion adds after the
+# common token prefix (for chat rows that includes the end-of-turn token and the template's newline); plain
+# strings get EOS appended. Truncation policy (stated, counted): pairs longer than max_length keep their start
+# (the completion's end is cut); pairs whose prompt alone fills max_length are dropped.
+
+
+def _pair_ids(tokenizer, row: dict) -> dict:
+    from posttrain.masks import common_prefix_length
+
+    if isinstance(row["prompt"], str):
+        eos = tokenizer.eos_token
+        add_eos = lambda text: text if text.endswith(eos) else text + eos  # noqa: E731
+        prompt_ids = tokenizer(row["prompt"])["input_ids"]
+        chosen_ids = tokenizer(row["prompt"] + add_eos(row["chosen"]))["input_ids"]
+        rejected_ids = tokenizer(row["prompt"] + add_eos(row["rejected"]))["input_ids"]
+    else:
+        render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
+            msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
+        prompt_ids = render(row["prompt"], True)
+        chosen_ids = render(row["prompt"] + row["chosen"])
+        rejected_ids = render(row["prompt"] + row["rejected"])
+    start = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
+    return {"prompt_ids": prompt_ids[:start], "chosen_ids": chosen_ids[start:], "rejected_ids": rejected_ids[start:]}
+
+
+def tokenize_pairs(tokenizer, rows, max_length: int) -> tuple[list[dict], dict]:
+    """Normalized preference rows -> [{prompt_ids, chosen_ids, rejected_ids}], plus counts."""
+    from posttrain.errors import PosttrainError
+
+    if rows.format != "preference":
+        raise PosttrainError(f"recipe dpo needs preference rows (prompt/chosen/rejected), got {rows.format!r} rows")
+    examples, counts = [], {"pairs": len(rows.rows), "truncated": 0, "prompt_too_long": 0, **rows.dropped}
+    for row in rows.rows:
+        pair = _pair_ids(tokenizer, row)
+        room = max_length - len(pair["prompt_ids"])
+        if room <= 0:
+            counts["prompt_too_long"] += 1
+            continue
+        if len(pair["chosen_ids"]) > room or len(pair["rejected_ids"]) > room:
+            counts["truncated"] += 1
+            pair["chosen_ids"], pair["rejected_ids"] = pair["chosen_ids"][:room], pair["rejected_ids"][:room]
+        examples.append(pair)
+    if not examples:
+        raise PosttrainError(f"no preference pairs left: all {len(rows.rows)} prompts fill train.max_length "
+                             f"({max_length}); raise it")
+    return examples, counts
