@@ -50,6 +50,16 @@ def _merge(args) -> None:
     print(f"posttrain: merged model written to {out}")
 
 
+def _quantize(args) -> None:
+    from posttrain.quantize import quantize
+
+    report = quantize(args.model, args.out, args.method, args.format, args.skip, args.dtype, args.overwrite,
+                      args.allow_pickle)
+    bpw = report["bits_per_weight"]
+    detail = f", {bpw['quantized_layers_bpw']:.3f} bits/weight in ternary layers" if bpw else ""
+    print(f"posttrain: {report['ternary_layers']} layers ternarized{detail}; written to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__import__("posttrain").__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__import__("posttrain").__version__)
@@ -75,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     sub.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (pickle)")
     sub.add_argument("--trust-remote-code", action="store_true")
+    sub = verb("quantize", _quantize, "post-training ternarization (BitNet b1.58, no training) and export")
+    sub.add_argument("model", help="model folder, LoRA adapter folder, or hub name")
+    sub.add_argument("--method", default="ternary", help="quantization method (ternary)")
+    sub.add_argument("--out", required=True, help="output folder")
+    sub.add_argument("--format", default="hf", help="hf (transformers BitNet, packed 2-bit) or fake-quant (dense)")
+    sub.add_argument("--skip", nargs="*", default=[], help="module-name patterns to keep dense")
+    sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    sub.add_argument("--overwrite", action="store_true")
+    sub.add_argument("--allow-pickle", action="store_true", help="allow .bin weights (pickle)")
     return parser
 
 

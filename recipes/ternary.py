@@ -1,0 +1,72 @@
+"""1.58-bit ternary quantization-aware fine-tuning (BitNet b1.58) of a pretrained model, on TRL's SFTTrainer.
+
+Ternarizing a pretrained model without training collapses it (see `posttrain quantize`, the PTQ baseline);
+fine-tuning with the quantizer phased in recovers most of it. The decoder's linear layers become BitLinear
+(absmean ternary weights, one scale per tensor; 8-bit absmax activations per token; straight-through
+gradients); embeddings and lm_head stay in high precision. lambda blends x + lambda * (q(x) - x).detach()
+from 0 to 1 over ternary.lambda_warmup_steps. Any data the sft recipe takes works (chat or raw text).
+
+Output: the model in transformers' BitNet format (packed 2-bit weights; loads with plain
+AutoModelForCausalLM.from_pretrained), optionally a dense fake-quantized copy, and metrics.json with the bits
+per weight of the quantized layers and of the whole file.
+"""
+
+from __future__ import annotations
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from posttrain.config import Config
+from posttrain.data import load_splits
+from posttrain.masks import tokenize_rows
+from posttrain.models import load_model, load_tokenizer, resolve_path
+from posttrain.outputs import finish_run, prepare_run_dir
+from posttrain.ternary import bits_per_weight, convert, export_bitnet, export_fake_quant
+from posttrain.ternary.callback import TernaryLambdaCallback
+from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
+
+
+def main(cfg: Config) -> dict:
+    # 1. Output folder, data with posttrain's loss masks (as in the sft recipe).
+    run_dir = prepare_run_dir(cfg)
+    resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
+    tokenizer = load_tokenizer(cfg.model, resolved)
+    train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
+    train_set = tokenize_rows(tokenizer, train_rows, cfg.train.max_length, cfg.data.train_on)
+    eval_set = tokenize_rows(tokenizer, eval_rows, cfg.train.max_length, cfg.data.train_on) if eval_rows else None
+    data_counts = {"format": train_rows.format, **train_set.counts, "supervised_tokens": train_set.supervised_tokens}
+
+    # 2. The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
+    model = load_model(cfg.model, resolved, tokenizer)
+    settings = cfg.ternary
+    converted = convert(model, skip=settings.skip, granularity=settings.granularity, group_size=settings.group_size,
+                        use_rms_norm=settings.use_rms_norm, quant_lambda=0.0)
+    warmup = 0 if settings.lambda_schedule == "none" else settings.lambda_warmup_steps
+    print(f"posttrain: {converted} linear layers -> BitLinear; lambda {settings.lambda_schedule} over {warmup} steps")
+
+    # 3. Train; the callback sets lambda before every step (and after a resume, from the global step).
+    history = LossHistory()
+    trainer = SFTTrainer(
+        model=model,
+        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, packing=cfg.train.packing),
+        train_dataset=Dataset.from_list(train_set.examples),
+        eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
+        processing_class=tokenizer,
+        callbacks=[history, TernaryLambdaCallback(warmup, settings.lambda_schedule)],
+    )
+    train_output = trainer.train()
+    final_eval = trainer.evaluate() if eval_set else {}
+
+    # 4. Export: transformers' BitNet format in output_dir (+ fake-quant copy), bits per weight, metrics last.
+    metrics = run_metrics(trainer, train_output, history, data_counts, {"eval_loss": final_eval.get("eval_loss"),
+                                                                        "ternary_layers": converted})
+
+    def save(folder):
+        export_bitnet(trainer.model, tokenizer, folder, overwrite=True)
+        metrics["bits_per_weight"] = bits_per_weight(folder)  # measured on the files, before metrics.json
+        if settings.fake_quant_export:
+            export_fake_quant(trainer.model, tokenizer, folder / "fake_quant", overwrite=True)
+
+    title = f"1.58-bit ternary QAT ({settings.lambda_schedule} lambda warmup, {warmup} steps)"
+    finish_run(run_dir, save, metrics, model_card(cfg, metrics, False, title))
+    return metrics
