@@ -132,7 +132,7 @@ def _read_hub(source: DataSource) -> tuple[list[dict], list[str]]:
     return rows, [f"{source.path}[{source.split}] row {i}" for i in range(len(rows))]
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.endswith(FILE_SUFFIXES) or "\\" in text or text.count("/") > 1
 
 
@@ -158,7 +158,7 @@ def read_source(source: DataSource) -> tuple[list[dict], list[str]]:
         if path.suffix not in READERS:
             raise PosttrainError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
         return READERS[path.suffix](path)
-    if _looks_like_path(source.path):
+    if looks_like_path(source.path):
         raise PosttrainError(f"data file {source.path!r} does not exist (checked {path.resolve()})")
     return _read_hub(source)
 

@@ -50,7 +50,7 @@ def resolve_path(name_or_path: str, allow_pickle: bool = False) -> str:
     return name_or_path  # a hub name: transformers resolves it (network or HF cache)
 
 
-def _hub_error(name: str, err: Exception) -> PosttrainError:
+def hub_error(name: str, err: Exception) -> PosttrainError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
     why = str(err).splitlines()[0]
     if offline:
@@ -66,7 +66,7 @@ def load_tokenizer(cfg: ModelConfig, resolved: str):
             resolved, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except OSError as err:
-        raise _hub_error(cfg.name_or_path, err) from None
+        raise hub_error(cfg.name_or_path, err) from None
     if not tokenizer.is_fast:
         raise PosttrainError(f"{cfg.name_or_path}: posttrain needs a fast tokenizer (for loss-mask offsets)")
     if cfg.chat_template:
@@ -131,7 +131,7 @@ def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: Adapter
     except OSError as err:
         if Path(resolved).is_dir():
             raise PosttrainError(f"{resolved}: cannot load the model: {str(err).splitlines()[0]}") from None
-        raise _hub_error(cfg.name_or_path, err) from None
+        raise hub_error(cfg.name_or_path, err) from None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only when a pad token had to be added
     if tokenizer is not None:

@@ -22,7 +22,7 @@ from posttrain.errors import PosttrainError
 
 TINY_VERSION = 2
 ARCHS = ("llama", "qwen2")
-TASKS = ("chat", "prompt_completion", "text", "preference", "alpaca", "sharegpt")
+TASKS = ("chat", "prompt_completion", "text", "preference", "alpaca", "sharegpt", "multiple_choice")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -62,6 +62,17 @@ def _wrong_answer(a: int, b: int, rng: random.Random) -> int:
     return a + b + rng.choice([-10, -1, 1, 10])
 
 
+def _choices(a: int, b: int, rng: random.Random) -> tuple[list[str], int]:
+    """Four distinct numbers, shuffled: the sum, the plausible wrong answer and two nearby numbers; the sum's index."""
+    right = a + b
+    options = [right, _wrong_answer(a, b, rng)]
+    for delta in rng.sample([-10, -2, -1, 1, 2, 10], 6):
+        if len(options) < 4 and right + delta not in options:
+            options.append(right + delta)
+    rng.shuffle(options)
+    return [str(n) for n in options], options.index(right)
+
+
 def tiny_rows(task: str, split: str = "train") -> list[dict]:
     """Rows of one task format; deterministic. Formats mirror the public datasets posttrain reads."""
     if task not in TASKS:
@@ -90,6 +101,9 @@ def tiny_rows(task: str, split: str = "train") -> list[dict]:
                     "rejected": [{"role": "assistant", "content": wrong}],
                 }
             )
+        elif task == "multiple_choice":  # lm-eval's layout, as posttrain eval's multiple_choice reads it
+            choices, index = _choices(a, b, rng)
+            rows.append({"question": question, "choices": choices, "answer": index})
         elif task == "alpaca":
             rows.append({"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": answer})
         else:  # sharegpt

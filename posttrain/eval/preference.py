@@ -1,0 +1,101 @@
+"""DPO's implicit-reward metrics on held-out preference pairs, with TRL 1.16's definitions.
+
+reward(y) = beta * (log pi(y | x) - log pi_ref(y | x)), log-probs summed over the completion tokens.
+accuracy = mean(reward(chosen) > reward(rejected)) (strict: a tie counts as wrong, so a model compared with
+itself scores 0); margin = mean(reward(chosen) - reward(rejected)).
+
+Rows are read and tokenized by the DPO recipe's own code (posttrain.data.normalize, posttrain.preference.
+tokenize_pairs), which follows TRL's DPOTrainer: plain text gets EOS appended to each completion (unless already
+there) and is tokenized as prompt, prompt+chosen, prompt+rejected; conversational rows (message lists) go
+through the chat template (the prompt with the generation prompt). The completion starts where the tokenized
+prompt and the tokenized prompt+completion first differ, because BPE merges or templates can change the
+prompt's last tokens.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.config import DataConfig
+from posttrain.data import Rows, normalize
+from posttrain.errors import PosttrainError
+from posttrain.eval.multiple_choice import mean, mean_stderr
+from posttrain.eval.tokenization import prefix_token_id
+from posttrain.preference import tokenize_pairs
+
+
+def as_pairs(rows: list[dict], origins: list[str] | None = None) -> Rows:
+    """Raw preference rows -> normalized Rows, as the DPO recipe reads them (posttrain.data.normalize):
+    explicit, conversational, implicit-prompt and UltraFeedback shapes; bad rows fail naming their origin;
+    pairs whose chosen equals rejected are dropped (counted in `dropped`)."""
+    origins = origins or [f"preference row {i}" for i in range(1, len(rows) + 1)]
+    return normalize(rows, origins, DataConfig(format="preference"), "eval")
+
+
+def completion_logps(
+    model, sequences: list[tuple[list[int], list[int]]], batch_size: int = 8, desc: str = "logps"
+) -> list[float]:
+    """Summed log p(completion | prompt) for each (prompt ids, completion ids)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: -sum(map(len, sequences[i])))
+    out = [0.0] * len(sequences)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+            idx = order[start : start + batch_size]
+            width = max(sum(map(len, sequences[i])) for i in idx)
+            ids = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):  # right padding: causal, so pads never reach a scored position
+                prompt, completion = sequences[i]
+                ids[row, : len(prompt) + len(completion)] = torch.tensor(prompt + completion)
+            logits = model(input_ids=ids.to(device)).logits
+            for row, i in enumerate(idx):
+                prompt, completion = sequences[i]
+                scored = logits[row, len(prompt) - 1 : len(prompt) + len(completion) - 1].float()
+                target = torch.tensor(completion, device=logits.device)[:, None]
+                out[i] = torch.log_softmax(scored, dim=-1).gather(-1, target).sum().item()
+    return out
+
+
+def preference_metrics(policy_logps: list[float], reference_logps: list[float], beta: float) -> dict[str, float]:
+    """policy/reference logps interleaved as [chosen_0, rejected_0, chosen_1, ...]."""
+    rewards = [beta * (p - r) for p, r in zip(policy_logps, reference_logps)]
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    wins = [float(c > r) for c, r in zip(chosen, rejected)]
+    return {
+        "accuracy": mean(wins),
+        "accuracy_stderr": mean_stderr(wins),
+        "margin": mean([c - r for c, r in zip(chosen, rejected)]),
+        "reward_chosen": mean(chosen),
+        "reward_rejected": mean(rejected),
+    }
+
+
+def pair_sequences(
+    tokenizer, rows: Rows | list[dict], max_length: int | None = None
+) -> list[tuple[list[int], list[int]]]:
+    """[(prompt, chosen), (prompt, rejected), ...] in the interleaved order `preference_metrics` expects.
+
+    Tokenized by posttrain.preference.tokenize_pairs, the DPO recipe's own function, so eval and training agree
+    on which tokens are the completion; pairs longer than `max_length` keep their start, pairs whose prompt
+    alone fills it are left out (both counted, with a warning).
+    """
+    rows = as_pairs(rows) if isinstance(rows, list) else rows
+    pairs, counts = tokenize_pairs(tokenizer, rows, max_length or 10**9)
+    skipped = {k: v for k, v in counts.items() if k != "pairs" and v}
+    if skipped:
+        warnings.warn(f"preference: {counts['pairs']} pairs, of which {skipped}", stacklevel=2)
+    seqs = []
+    for pair in pairs:
+        prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+        if not chosen or not rejected:
+            raise PosttrainError(
+                f"a preference pair has an empty completion after tokenization (prompt ending "
+                f"{tokenizer.decode(prompt)[-60:]!r})"
+            )
+        # An empty prompt still needs one token to condition the first completion token on (lm-eval's choice).
+        prompt = prompt or [prefix_token_id(tokenizer)]
+        seqs += [(prompt, chosen), (prompt, rejected)]
+    return seqs

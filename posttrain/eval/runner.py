@@ -1,0 +1,282 @@
+"""`posttrain eval` and `posttrain bench`: every variant through the same measurements, one report.
+
+Order of work, chosen so that mistakes surface before minutes of compute: the suite and all its data files are
+read and checked first; the reference model's log-probs for the preference pairs are computed once and the
+reference is freed; then each variant is loaded, measured, and freed before the next (only the drift base
+stays loaded, since KL needs its full distributions). Nothing is written until every variant is done.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain.errors import PosttrainError
+from posttrain.eval import metric_catalog as cat
+from posttrain.eval.bench import PeakMemory, size_metrics, speed_metrics
+from posttrain.eval.drift import drift_metrics
+from posttrain.eval.generation import build_prompts, generate_greedy, generation_metrics, generation_rows
+from posttrain.eval.multiple_choice import questions_from_rows, score_choices
+from posttrain.eval.perplexity import text_loglikelihoods
+from posttrain.eval.preference import as_pairs, completion_logps, pair_sequences, preference_metrics
+from posttrain.eval.report import merge_results, write_report
+from posttrain.eval.suite import Suite, load_suite, read_rows
+from posttrain.eval.tokenization import model_max_length, vocab_guard
+from posttrain.eval.variants import check_model_specs, load_variant, pick_device, variant_names
+
+
+def run_eval(models: list[str], suite: str | Path | dict, out_dir: str | Path) -> dict:
+    """Evaluate MODEL specs on SUITE; write results.json, report.md and plots into out_dir; return the results."""
+    if not models:
+        raise PosttrainError("posttrain eval needs at least one MODEL (a folder, an adapter folder, or name=path)")
+    _check_out_dir(out_dir)
+    suite = load_suite(suite)
+    names = variant_names(models)
+    check_model_specs(models + [s for s in (_spec(suite.preference, "reference"), _spec(suite.drift, "base")) if s])
+    torch.manual_seed(suite.seed)
+    run = SuiteRun(suite)
+    per_variant, sources = {}, {}
+    for spec, name in tqdm(list(zip(models, names)), desc="variants", disable=len(models) < 2):
+        variant = load_variant(spec, suite.device, suite.dtype, name=name)
+        per_variant[name] = {**run.evaluate(variant), **_prefixed("size", size_metrics(variant))}
+        sources[name] = _describe(variant)
+        del variant
+        gc.collect()
+    run.close()
+    results = _assemble(
+        per_variant, sources, {"suite": suite.to_dict(), "suite_file": suite.source}, run.directions, suite.device
+    )
+    results = merge_results(results, Path(out_dir), owns=lambda key: cat.family(key) != "bench")
+    write_report(results, out_dir)
+    return results
+
+
+def run_bench(
+    models: list[str],
+    out_dir: str | Path,
+    *,
+    prompt_tokens: int = 128,
+    new_tokens: int = 32,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
+    """Size, load time, peak memory and batch-1 prefill/decode speed of each MODEL; merged into out_dir's report."""
+    if not models:
+        raise PosttrainError("posttrain bench needs at least one MODEL (a folder, an adapter folder, or name=path)")
+    if min(prompt_tokens, new_tokens, repeats) < 1 or warmup < 0:
+        raise PosttrainError("bench: prompt_tokens, new_tokens and repeats must be >= 1 and warmup >= 0")
+    _check_out_dir(out_dir)
+    names = variant_names(models)
+    check_model_specs(models)
+    per_variant, sources = {}, {}
+    for spec, name in tqdm(list(zip(models, names)), desc="bench", disable=len(models) < 2):
+        gc.collect()
+        with PeakMemory(pick_device(device)) as peak:
+            variant = load_variant(spec, device, dtype, name=name)
+            speed = speed_metrics(variant.model, len(variant.tokenizer), prompt_tokens, new_tokens, repeats, warmup)
+        bench = {"load_seconds": variant.load_seconds, "peak_memory_bytes": peak.peak_bytes(), **speed}
+        per_variant[name] = {**_prefixed("size", size_metrics(variant)), **_prefixed("bench", bench)}
+        sources[name] = _describe(variant)
+        del variant
+    settings = {
+        "bench": dict(
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            repeats=repeats,
+            warmup=warmup,
+            device=str(pick_device(device)),
+            dtype=dtype,
+        )
+    }
+    results = _assemble(per_variant, sources, settings, {}, device)
+    results = merge_results(results, Path(out_dir), owns=lambda key: cat.family(key) in ("bench", "size"))
+    write_report(results, out_dir)
+    return results
+
+
+class SuiteRun:
+    """The suite's data, read once, and the models shared by all variants (reference log-probs, drift base)."""
+
+    def __init__(self, suite: Suite):
+        self.suite = suite
+        self.directions: dict[str, bool] = {}
+        self._read_data()
+        self.reference_logps = self._reference_logps() if suite.preference else None
+        self.drift_base = None
+        if suite.drift:
+            self.drift_base = load_variant(suite.drift.base, suite.device, suite.dtype, name="drift base")
+
+    def _read_data(self) -> None:
+        s = self.suite
+        self.ppl_texts = _texts(s.perplexity)
+        self.drift_texts = _texts(s.drift)
+        self.mc, self.gen = {}, {}
+        for t in s.multiple_choice:
+            rows, origins = read_rows(t.data, ("choices", "answer"), t.limit)
+            self.mc[t.name] = questions_from_rows(rows, t.data.path, origins)
+        for t in s.generation:
+            rows, origins = read_rows(t.data, (), t.limit)
+            self.gen[t.name] = generation_rows(rows, origins), origins
+        if s.preference:
+            self.pref_rows = as_pairs(*read_rows(s.preference.data, ("chosen", "rejected"), s.preference.limit))
+
+    def _reference_logps(self) -> list[float]:
+        section = self.suite.preference
+        reference = load_variant(section.reference, self.suite.device, self.suite.dtype, name="reference")
+        self.pref_reference = reference  # kept for the vocabulary check only: its model is dropped below
+        max_length = model_max_length(reference.model)
+        self.pref_sequences = pair_sequences(reference.tokenizer, self.pref_rows, max_length)
+        logps = completion_logps(reference.model, self.pref_sequences, section.batch_size, desc="reference logps")
+        reference.model = None
+        gc.collect()
+        return logps
+
+    def evaluate(self, variant) -> dict[str, float]:
+        """Every section of the suite on one variant, as {`<family>/...`: value}."""
+        out = {}
+        if self.suite.perplexity:
+            out.update(_prefixed("perplexity", self._perplexity(variant)))
+        for task in self.suite.multiple_choice:
+            out.update(_prefixed(f"mc/{task.name}", self._multiple_choice(variant, task)))
+        for task in self.suite.generation:
+            out.update(_prefixed(f"gen/{task.name}", self._generation(variant, task)))
+        if self.suite.preference:
+            out.update(_prefixed("preference", self._preference(variant)))
+        if self.suite.drift:
+            vocab_guard(self.drift_base, variant, "drift")
+            d = self.suite.drift
+            out.update(
+                _prefixed("drift", drift_metrics(self.drift_base, variant, self.drift_texts, d.context, d.batch_size))
+            )
+        if self.suite.lm_eval:
+            from posttrain.eval.lm_eval_tasks import run_lm_eval_tasks
+
+            metrics, directions = run_lm_eval_tasks(variant, self.suite.lm_eval)
+            out.update(metrics)
+            self.directions.update(directions)
+        return out
+
+    def _perplexity(self, variant) -> dict[str, float]:
+        p = self.suite.perplexity
+        desc = f"perplexity {variant.name}"
+        lls = text_loglikelihoods(
+            variant.model, variant.tokenizer, self.ppl_texts, p.context, p.stride, p.batch_size, desc=desc
+        )
+        return lls.metrics()
+
+    def _multiple_choice(self, variant, task) -> dict[str, float]:
+        questions, desc = self.mc[task.name], f"{task.name} {variant.name}"
+        scores = score_choices(
+            variant.model, variant.tokenizer, questions, task.target_delimiter, task.batch_size, desc=desc
+        )
+        return scores.metrics()
+
+    def _generation(self, variant, task) -> dict[str, float]:
+        (rows, origins), desc = self.gen[task.name], f"{task.name} {variant.name}"
+        prompts, add_special = build_prompts(variant.tokenizer, rows, task.chat_template, origins)
+        outputs = generate_greedy(
+            variant.model, variant.tokenizer, prompts, add_special, task.max_new_tokens, task.batch_size, desc=desc
+        )
+        return generation_metrics(outputs, rows)
+
+    def _preference(self, variant) -> dict[str, float]:
+        section = self.suite.preference
+        vocab_guard(self.pref_reference, variant, "preference")
+        desc = f"logps {variant.name}"
+        policy = completion_logps(variant.model, self.pref_sequences, section.batch_size, desc=desc)
+        return preference_metrics(policy, self.reference_logps, section.beta)
+
+    def close(self) -> None:
+        self.drift_base = None
+        gc.collect()
+
+
+def _texts(section) -> list[str]:
+    if section is None:
+        return []
+    return [r["text"] for r in read_rows(section.data, ("text",), section.limit)[0]]
+
+
+def _spec(section, key: str) -> str | None:
+    return getattr(section, key) if section is not None else None
+
+
+def _prefixed(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
+
+
+def _check_out_dir(out_dir) -> None:
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise PosttrainError(f"--out {out_dir} is a file: pass a folder for results.json, report.md and the plots")
+
+
+def _describe(variant) -> dict:
+    info = {"source": variant.source, "kind": variant.kind}
+    return {**info, "base": variant.base_source} if variant.base_source else info
+
+
+def _assemble(per_variant: dict, sources: dict, settings: dict, overrides: dict, device: str) -> dict:
+    keys = {k for m in per_variant.values() for k in m if not cat.is_stderr(k)}
+    directions = {k: cat.higher_is_better(k, overrides) for k in sorted(keys)}
+    return {
+        "variants": per_variant,
+        "models": sources,
+        "directions": directions,
+        "settings": settings,
+        "environment": environment(device),
+    }
+
+
+def environment(device: str = "auto") -> dict:
+    """Versions and machine facts that a number in the report depends on."""
+    import importlib.metadata as md
+
+    env = {
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    for dist, key in (
+        ("posttrain", "posttrain"),
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("peft", "peft"),
+        ("trl", "trl"),
+        ("lm-eval", "lm_eval"),
+    ):
+        try:
+            env[key] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[key] = _module_version(key)
+    dev = pick_device(device)
+    env["device"] = (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} torch threads"
+    )
+    env["git_revision"] = _git_revision()
+    return env
+
+
+def _module_version(name: str) -> str | None:
+    # posttrain run from a checkout is not an installed distribution; its __version__ still says what it is.
+    try:
+        return getattr(__import__(name), "__version__", None)
+    except ImportError:
+        return None
+
+
+def _git_revision() -> str | None:
+    # The revision of the posttrain checkout that produced the numbers, when it runs from one.
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
