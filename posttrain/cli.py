@@ -22,10 +22,16 @@ def _run(args) -> None:
 
 
 def _validate(args) -> None:
-    from posttrain.config import dump_yaml, load_config
+    from posttrain.config import dump_yaml, load_config, read_yaml
     from posttrain.recipes_registry import resolve_config_path
 
-    print(dump_yaml(load_config(resolve_config_path(args.config), args.overrides)), end="")
+    path = resolve_config_path(args.config)
+    if read_yaml(path)[0].get("recipe") == "pipeline":
+        from posttrain.pipeline import load_pipeline
+
+        print(dump_yaml(load_pipeline(path, args.overrides)), end="")
+    else:
+        print(dump_yaml(load_config(path, args.overrides)), end="")
 
 
 def _ls(args) -> None:
@@ -58,6 +64,35 @@ def _quantize(args) -> None:
     bpw = report["bits_per_weight"]
     detail = f", {bpw['quantized_layers_bpw']:.3f} bits/weight in ternary layers" if bpw else ""
     print(f"posttrain: {report['ternary_layers']} layers ternarized{detail}; written to {args.out}")
+
+
+def _eval(args) -> None:
+    from posttrain.eval import run_eval
+
+    run_eval(args.models, args.suite, args.out)
+    print(f"posttrain: report written to {args.out}/report.md (results.json, plots beside it)")
+
+
+def _bench(args) -> None:
+    from posttrain.eval import run_bench
+
+    run_bench(args.models, args.out, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+              repeats=args.repeats)
+    print(f"posttrain: report written to {args.out}/report.md (results.json, plots beside it)")
+
+
+def _demo(args) -> None:
+    import time
+
+    from posttrain.pipeline import run_pipeline
+    from posttrain.recipes_registry import configs_dir
+
+    started = time.perf_counter()
+    out = run_pipeline(configs_dir() / "demo" / "pipeline.yaml", [f"output_dir={args.out}"])
+    report = out / "report" / "report.md"
+    print(report.read_text())
+    print(f"posttrain: demo finished in {time.perf_counter() - started:.0f} s; report: {report}; "
+          f"results.json and plots (*.png) in {report.parent}; every stage's model in {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     sub.add_argument("--overwrite", action="store_true")
     sub.add_argument("--allow-pickle", action="store_true", help="allow .bin weights (pickle)")
+    sub = verb("eval", _eval, "evaluate models side by side (quality, preference, drift) into one report")
+    sub.add_argument("models", nargs="+", metavar="MODEL", help="[name=]path: model, adapter, ternary export or hub")
+    sub.add_argument("--suite", required=True, help="suite YAML (see configs/eval/)")
+    sub.add_argument("--out", required=True, help="folder for results.json, report.md and plots")
+    sub = verb("bench", _bench, "size, load time, memory, prefill/decode speed of models, into the same report")
+    sub.add_argument("models", nargs="+", metavar="MODEL", help="[name=]path: model, adapter, ternary export or hub")
+    sub.add_argument("--out", required=True, help="folder for results.json, report.md and plots")
+    sub.add_argument("--prompt-tokens", type=int, default=128)
+    sub.add_argument("--new-tokens", type=int, default=32)
+    sub.add_argument("--repeats", type=int, default=5)
+    sub = verb("demo", _demo, "the whole pipeline offline on a tiny model (pretrain, SFT, LoRA, DPO, 1.58-bit) "
+                              "and the report comparing every variant; a rerun skips finished stages")
+    sub.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     return parser
 
 

@@ -12,13 +12,13 @@ import importlib.util
 import typing
 from pathlib import Path
 
-from posttrain.config import Config, load_config
+from posttrain.config import Config, load_config, read_yaml
 
 _ROOT = Path(__file__).resolve().parent.parent
 
 
 def recipe_names() -> list[str]:
-    return list(typing.get_args(typing.get_type_hints(Config)["recipe"]))
+    return [*typing.get_args(typing.get_type_hints(Config)["recipe"]), "pipeline"]
 
 
 def load_recipe(name: str):
@@ -37,7 +37,12 @@ def load_recipe(name: str):
 def run(cfg: Config | str | Path, overrides: list[str] | None = None) -> dict:
     """Run the recipe a config names; returns the run's metrics (also in output_dir/metrics.json)."""
     if not isinstance(cfg, Config):
-        cfg = load_config(resolve_config_path(cfg), overrides)
+        path = resolve_config_path(cfg)
+        if read_yaml(path)[0].get("recipe") == "pipeline":
+            from posttrain.pipeline import run_pipeline
+
+            return {"pipeline": str(run_pipeline(path, overrides))}
+        cfg = load_config(path, overrides)
     return load_recipe(cfg.recipe).main(cfg)
 
 

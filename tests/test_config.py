@@ -22,6 +22,11 @@ BASE = "recipe: sft\nmodel:\n  name_or_path: tiny:llama\ndata:\n  train: tiny:ch
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_every_bundled_config_loads(path):
     first_line = path.read_text().splitlines()[0]
+    if yaml.safe_load(path.read_text()).get("recipe") == "pipeline":
+        from posttrain.pipeline import load_pipeline
+
+        assert first_line.startswith("# posttrain ") and load_pipeline(path).stages
+        return
     assert first_line.startswith("# posttrain run ") and str(path.relative_to(CONFIGS.parent)) in first_line
     cfg = load_config(path)
     assert isinstance(cfg, Config) and cfg.model.name_or_path and cfg.output_dir
@@ -100,3 +105,11 @@ def test_ci_runs_the_readme_test_command():
     readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
     command = 'pip install torch==2.13.0 && pip install -e ".[dev]" && pytest -q'
     assert command in readme and command in ci
+
+
+def test_config_reference_is_generated_and_current():
+    from posttrain.config_reference import reference
+
+    assert (CONFIGS.parent / "docs" / "CONFIG.md").read_text() == reference(), \
+        "docs/CONFIG.md is stale: python -m posttrain.config_reference > docs/CONFIG.md"
+    assert "lambda_warmup_steps: 100" in reference() and "# sft | dpo | ternary" in reference()

@@ -12,7 +12,7 @@ from posttrain.errors import PosttrainError
 from posttrain.models import load_model, load_tokenizer, resolve_path
 
 ROOT = Path(__file__).resolve().parent.parent
-VERBS = ["run", "validate", "ls", "init-tiny", "merge", "quantize"]
+VERBS = ["run", "validate", "ls", "init-tiny", "merge", "quantize", "eval", "bench"]
 
 
 def cli(*args, cwd=None):

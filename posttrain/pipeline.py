@@ -1,0 +1,129 @@
+"""Pipelines: stages that each start from an earlier stage's output, then one comparison report.
+
+    recipe: pipeline
+    output_dir: runs/demo
+    stages:
+      - {name: base, config: pretrain.yaml}                  # a run config (sft / dpo / ternary)
+      - {name: sft, config: sft.yaml, model_from: base}      # model.name_or_path <- runs/demo/base
+      - {name: ptq, quantize: sft}                           # post-training ternarization of a stage
+      - {name: report, compare: [base, sft, ptq], suite: ../eval/tiny.yaml,
+         suite_overrides: [preference.reference=base]}       # eval + bench of stages, one report
+
+Each stage writes `output_dir/<name>/`. Rerunning the pipeline skips every stage whose output is complete
+(metrics.json for a run, quantize.json for a quantization, report.md for a comparison — each written last)
+and redoes an interrupted one from its start (its unfinished folder is cleared). Config paths are relative
+to the pipeline file; `overrides` are dotted overrides for the stage's config.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from posttrain.config import _Where, apply_overrides, build, read_yaml
+from posttrain.errors import PosttrainError
+
+
+@dataclass
+class Stage:
+    name: str = ""
+    config: str | None = None  # a run config file, relative to the pipeline file
+    quantize: str | None = None  # the stage whose model is ternarized without training
+    compare: list[str] = field(default_factory=list)  # stages to evaluate side by side
+    suite: str | None = None  # the eval suite for compare, relative to the pipeline file
+    suite_overrides: list[str] = field(default_factory=list)  # key=value; a value naming a stage -> its folder
+    model_from: str | None = None  # this stage starts from that stage's output
+    overrides: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[tuple[str, str]]:
+        kinds = [k for k in ("config", "quantize", "compare") if getattr(self, k)]
+        if not self.name:
+            return [("name", "is required")]
+        if len(kinds) != 1:
+            return [("config", "a stage needs exactly one of config, quantize or compare")]
+        if self.compare and not self.suite:
+            return [("suite", "is required with compare")]
+        return []
+
+
+@dataclass
+class PipelineConfig:
+    recipe: Literal["pipeline"] = "pipeline"
+    output_dir: str = ""
+    stages: list[Stage] = field(default_factory=list)
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.output_dir:
+            return [("output_dir", "is required")]
+        seen: list[str] = []
+        for i, stage in enumerate(self.stages):
+            for ref in [stage.model_from, stage.quantize, *stage.compare]:
+                if ref is not None and ref not in seen:
+                    return [(f"stages[{i}]", f"refers to {ref!r}, which is not an earlier stage ({seen})")]
+            if stage.name in seen:
+                return [(f"stages[{i}].name", f"{stage.name!r} is used twice")]
+            seen.append(stage.name)
+        return [] if self.stages else [("stages", "needs at least one stage")]
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    tree, text = read_yaml(path)
+    apply_overrides(tree, list(overrides or []), str(path))
+    return build(PipelineConfig, tree, _Where(str(path), text))
+
+
+def stage_done(stage: Stage, folder: Path) -> bool:
+    marker = "metrics.json" if stage.config else "quantize.json" if stage.quantize else "report.md"
+    return (folder / marker).is_file()
+
+
+def _stage_value(override: str, out: Path) -> str:
+    """`preference.reference=base` -> `preference.reference=<out>/base` when a stage folder of that name exists."""
+    key, _, value = override.partition("=")
+    return f"{key}={out / value}" if value and (out / value).is_dir() else override
+
+
+def _run_stage(stage: Stage, folder: Path, root: Path, out: Path) -> None:
+    from posttrain.config import load_config
+    from posttrain.recipes_registry import run
+
+    if stage.config:
+        extra = [f"model.name_or_path={out / stage.model_from}"] if stage.model_from else []
+        run(load_config(root / stage.config, [*stage.overrides, *extra, f"output_dir={folder}", "overwrite=true"]))
+    elif stage.quantize:
+        from posttrain.quantize import quantize
+
+        quantize(str(out / stage.quantize), folder, overwrite=True)
+    else:
+        from posttrain.eval import run_bench, run_eval
+
+        suite, _ = read_yaml(root / stage.suite)
+        named = [f"{name}={out / name}" for name in stage.compare]
+        apply_overrides(suite, [_stage_value(o, out) for o in stage.suite_overrides], str(root / stage.suite))
+        run_bench(named, folder, prompt_tokens=32, new_tokens=16, repeats=3)
+        run_eval(named, suite, folder)
+
+
+def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> Path:
+    """Run (or finish) a pipeline; returns its output folder."""
+    cfg = load_pipeline(path, overrides)
+    root, out = Path(path).resolve().parent, Path(cfg.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.yaml").write_text(yaml.safe_dump({"source": str(path), "overrides": overrides or []}))
+    for stage in cfg.stages:
+        folder = out / stage.name
+        if stage_done(stage, folder):
+            print(f"posttrain: stage {stage.name}: finished earlier, skipped")
+            continue
+        started = time.perf_counter()
+        print(f"posttrain: stage {stage.name}: running")
+        try:
+            _run_stage(stage, folder, root, out)
+        except PosttrainError as err:
+            raise PosttrainError(f"stage {stage.name}: {err}") from None
+        print(f"posttrain: stage {stage.name}: done in {time.perf_counter() - started:.0f} s")
+    return out

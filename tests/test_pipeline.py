@@ -1,0 +1,76 @@
+"""Pipelines: stage references checked up front; a killed run resumes without redoing finished stages;
+the demo's report shows the differences it exists to show."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.errors import PosttrainError
+from posttrain.pipeline import load_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_SFT = ROOT / "configs" / "tiny" / "sft.yaml"
+
+
+def write_pipeline(tmp_path, stages: str) -> Path:
+    path = tmp_path / "pipe.yaml"
+    path.write_text(f"recipe: pipeline\noutput_dir: {tmp_path / 'out'}\nstages:\n{stages}")
+    return path
+
+
+def test_stage_references_and_kinds_are_checked(tmp_path):
+    with pytest.raises(PosttrainError, match=r"pipe\.yaml:\d+: stages\[1\] refers to 'nope'"):
+        stages = f"  - {{name: a, config: {TINY_SFT}}}\n  - {{name: b, quantize: nope}}\n"
+        load_pipeline(write_pipeline(tmp_path, stages))
+    with pytest.raises(PosttrainError, match="exactly one of config, quantize or compare"):
+        load_pipeline(write_pipeline(tmp_path, f"  - {{name: a, config: {TINY_SFT}, quantize: a}}\n"))
+    with pytest.raises(PosttrainError, match="unknown key 'stages\\[0\\].confg'"):
+        load_pipeline(write_pipeline(tmp_path, f"  - {{name: a, confg: {TINY_SFT}}}\n"))
+
+
+def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
+    stage_b = f"{{name: b, config: {TINY_SFT}, model_from: a, overrides: [train.max_steps=400]}}"
+    path = write_pipeline(tmp_path, f"  - {{name: a, config: {TINY_SFT}, overrides: [train.max_steps=5]}}\n"
+                                    f"  - {stage_b}\n")
+    command = [sys.executable, "-u", "-m", "posttrain", "run", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in process.stdout:  # wait until stage b is training, then kill -9 in the middle of it
+        if "stage b: running" in line:
+            time.sleep(8)
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    out = tmp_path / "out"
+    assert (out / "a" / "metrics.json").is_file() and not (out / "b" / "metrics.json").exists()
+    finished_a = (out / "a" / "metrics.json").stat().st_mtime_ns
+    path.write_text(path.read_text().replace("train.max_steps=400", "train.max_steps=3"))  # finish b quickly
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stage a: finished earlier, skipped" in rerun.stdout
+    assert (out / "a" / "metrics.json").stat().st_mtime_ns == finished_a
+    assert json.loads((out / "b" / "metrics.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow
+def test_demo_report_shows_meaningful_differences(tmp_path):
+    from posttrain.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    results = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())["variants"]
+    exact = {name: metrics["gen/add/exact_match"] for name, metrics in results.items()}
+    preference = {name: metrics["preference/accuracy"] for name, metrics in results.items()}
+    print("exact match", exact, "preference accuracy", preference)
+    assert exact["sft"] - exact["base"] >= 0.3  # SFT beats the base by a wide margin
+    assert preference["dpo"] > preference["sft"]  # DPO's held-out preference accuracy beats SFT's
+    assert exact["ternary"] >= 0.8 * exact["sft"]  # 1.58-bit QAT keeps >= 80% of SFT's task accuracy
+    assert "ptq" in exact  # the no-training baseline is reported beside it
+    assert sorted(p.name for p in (tmp_path / "demo" / "report").glob("*.png"))
+    report = (tmp_path / "demo" / "report" / "report.md").read_text()
+    assert all(name in report for name in ("base", "sft", "lora", "dpo", "ternary", "ptq"))
