@@ -145,3 +145,16 @@ def tokenize_rows(tokenizer, rows, max_length: int, train_on: str = "assistant")
             "truncated away); check the data's roles or raise train.max_length"
         )
     return out
+
+
+def sft_examples(cfg, tokenizer) -> tuple[Tokenized, Tokenized | None, dict]:
+    """A run config's train/eval rows (any SFT format) tokenized with posttrain's loss masks, plus the data
+    counts that go into metrics.json. Shared by every recipe that trains on SFT-style data."""
+    from posttrain.data import load_splits
+
+    train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
+    train_set = tokenize_rows(tokenizer, train_rows, cfg.train.max_length, cfg.data.train_on)
+    eval_set = tokenize_rows(tokenizer, eval_rows, cfg.train.max_length, cfg.data.train_on) if eval_rows else None
+    counts = {"format": train_rows.format, **train_set.counts, **train_rows.dropped,
+              "supervised_tokens": train_set.supervised_tokens, "eval_rows": len(eval_set.examples) if eval_set else 0}
+    return train_set, eval_set, counts

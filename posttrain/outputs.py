@@ -64,9 +64,11 @@ def atomic_dir(target: str | Path):
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        if target.exists():  # move the old one aside in one rename, so target is never half-deleted
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            shutil.rmtree(old)
+        os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -11,8 +11,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from posttrain.config import Config
-from posttrain.data import load_splits
-from posttrain.masks import tokenize_rows
+from posttrain.masks import sft_examples
 from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
@@ -27,12 +26,7 @@ def main(cfg: Config) -> dict:
     #    ready `labels` as they are, so the mask is ours for any chat template.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
-    train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
-    train_set = tokenize_rows(tokenizer, train_rows, cfg.train.max_length, cfg.data.train_on)
-    eval_set = tokenize_rows(tokenizer, eval_rows, cfg.train.max_length, cfg.data.train_on) if eval_rows else None
-    data_counts = {"format": train_rows.format, **train_set.counts, **train_rows.dropped,
-                   "supervised_tokens": train_set.supervised_tokens,
-                   "eval_rows": len(eval_set.examples) if eval_set else 0}
+    train_set, eval_set, data_counts = sft_examples(cfg, tokenizer)
     print(f"posttrain: {len(train_set.examples)} training rows ({data_counts})")
 
     # 3. Model: full precision or 4-bit (QLoRA); TRL wraps it with the LoRA adapter when one is configured.

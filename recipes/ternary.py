@@ -17,8 +17,7 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from posttrain.config import Config
-from posttrain.data import load_splits
-from posttrain.masks import tokenize_rows
+from posttrain.masks import sft_examples
 from posttrain.models import load_model, load_tokenizer, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
 from posttrain.ternary import bits_per_weight, convert, export_bitnet, export_fake_quant
@@ -31,10 +30,7 @@ def main(cfg: Config) -> dict:
     run_dir = prepare_run_dir(cfg)
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
-    train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
-    train_set = tokenize_rows(tokenizer, train_rows, cfg.train.max_length, cfg.data.train_on)
-    eval_set = tokenize_rows(tokenizer, eval_rows, cfg.train.max_length, cfg.data.train_on) if eval_rows else None
-    data_counts = {"format": train_rows.format, **train_set.counts, "supervised_tokens": train_set.supervised_tokens}
+    train_set, eval_set, data_counts = sft_examples(cfg, tokenizer)
 
     # 2. The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
     model = load_model(cfg.model, resolved, tokenizer)

@@ -29,8 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -131,21 +129,13 @@ def _export_state(model: nn.Module, layers, dtype: torch.dtype, packed: bool) ->
 
 def _write_atomically(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Run write(tmp_dir) on a sibling temp dir, then rename it to out_dir (replacing it only if overwrite)."""
+    from posttrain.outputs import atomic_dir
+
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise PosttrainError(f"export target {out} exists and is not empty: pick a new folder or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            shutil.rmtree(old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(out) as staging:
+        write(staging)
     return out
 
 
