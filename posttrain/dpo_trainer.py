@@ -10,7 +10,10 @@ inside every training step instead, uncounted.)
 
 from __future__ import annotations
 
+import torch
 from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from trl import DPOTrainer
 
 from posttrain import ref_cache
@@ -30,9 +33,22 @@ class CachedReferenceDPOTrainer(DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's reference pass, keeping the result in memory: TRL round-trips it through a datasets cache file
+        that, for an in-memory dataset, lives in a per-process temp dir, so other DDP ranks cannot find it."""
         if all(c in dataset.column_names for c in REF_COLUMNS):
             return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        if self.is_deepspeed_enabled:  # ZeRO needs TRL's inference-engine wrapping
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False))
+        model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc=f"reference log-probs ({name})", disable=not self.accelerator.is_main_process):
+            pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(pair[0].float().cpu())
+            rejected.append(pair[1].float().cpu())
+        return dataset.add_column(REF_COLUMNS[0], torch.cat(chosen).tolist()).add_column(
+            REF_COLUMNS[1], torch.cat(rejected).tolist())
 
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forwards += 1
@@ -60,7 +76,7 @@ def with_cached_reference(examples: list[dict], reference: str, dtype: str) -> t
     return dataset, key, True
 
 
-def store_reference(dataset: Dataset, key: str) -> None:
-    """Save the reference log-probs TRL just computed for `dataset` under `key`."""
-    if all(c in dataset.column_names for c in REF_COLUMNS):
+def store_reference(dataset: Dataset, key: str, is_main_process: bool = True) -> None:
+    """Save the reference log-probs just computed for `dataset` under `key` (once, by the main process)."""
+    if is_main_process and all(c in dataset.column_names for c in REF_COLUMNS):
         ref_cache.save(key, dataset[REF_COLUMNS[0]], dataset[REF_COLUMNS[1]])

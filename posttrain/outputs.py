@@ -28,8 +28,29 @@ def is_complete(run_dir: str | Path) -> bool:
     return (Path(run_dir) / METRICS_FILE).is_file()
 
 
+def _process():
+    """accelerate's view of this process: under torchrun / accelerate launch only the main one writes files."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # without cpu=True no CPU process group is set up
+
+
 def prepare_run_dir(cfg: Config) -> Path:
     out = Path(cfg.output_dir).expanduser()
+    process = _process()
+    _check_run_dir(cfg, out)  # every process checks (read-only), so all fail alike instead of hanging
+    process.wait_for_everyone()
+    if process.is_main_process:
+        if out.is_dir():
+            shutil.rmtree(out)  # our own unfinished or overwritten run
+        out.mkdir(parents=True)
+        write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
+    process.wait_for_everyone()
+    return out
+
+
+def _check_run_dir(cfg: Config, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise PosttrainError(f"output_dir {out} is a file; choose a folder")
     if is_complete(out) and not cfg.overwrite:
@@ -39,11 +60,6 @@ def prepare_run_dir(cfg: Config) -> Path:
         )
     if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
         raise PosttrainError(f"output_dir {out} is not empty and was not written by posttrain; choose another")
-    if out.is_dir():
-        shutil.rmtree(out)  # our own unfinished or overwritten run
-    out.mkdir(parents=True)
-    write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
-    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -74,7 +90,16 @@ def atomic_dir(target: str | Path):
 
 
 def finish_run(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
-    """Stage artifacts (save_artifacts(folder) writes model/tokenizer), move them in, then metrics.json."""
+    """Stage artifacts (save_artifacts(folder) writes model/tokenizer), move them in, then metrics.json.
+    Only the main process writes; the others wait for it."""
+    process = _process()
+    process.wait_for_everyone()
+    if process.is_main_process:
+        _finish(run_dir, save_artifacts, metrics, card)
+    process.wait_for_everyone()
+
+
+def _finish(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".final.", dir=run_dir))
     try:
         save_artifacts(staging)

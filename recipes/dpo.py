@@ -70,9 +70,9 @@ def main(cfg: Config) -> dict:
         callbacks=[history],
     )
     if cfg.dpo.precompute_ref:
-        store_reference(trainer.train_dataset, train_key)
+        store_reference(trainer.train_dataset, train_key, trainer.accelerator.is_main_process)
         if eval_set is not None:
-            store_reference(trainer.eval_dataset, eval_key)
+            store_reference(trainer.eval_dataset, eval_key, trainer.accelerator.is_main_process)
         trainer.ref_model = ref_model = None  # precomputed: the reference is never run again
     # The starting point's held-out rewards/accuracies/margins, then train, then the same after.
     start_eval = trainer.evaluate() if eval_set is not None else {}
