@@ -12,6 +12,8 @@ Metrics use TRL's definitions (rewards/chosen = beta * sum over completion token
 
 from __future__ import annotations
 
+import dataclasses
+
 from trl import DPOConfig
 
 from posttrain.config import Config
@@ -52,8 +54,8 @@ def main(cfg: Config) -> dict:
     # 3. Policy, and a reference model only when one must run and differs from the starting model.
     model = load_model(cfg.model, resolved, tokenizer, cfg.adapter)
     needs_ref_model = cfg.dpo.ref_model is not None and not all_cached
-    ref_model = load_model(cfg.model.__class__(**{**cfg.model.__dict__, "name_or_path": ref_name}),
-                           ref_resolved, tokenizer) if needs_ref_model else None
+    ref_cfg = dataclasses.replace(cfg.model, name_or_path=ref_name)
+    ref_model = load_model(ref_cfg, ref_resolved, tokenizer) if needs_ref_model else None
 
     # 4. Train. TRL computes whatever the cache lacked during construction; store it for the next run.
     history = LossHistory()

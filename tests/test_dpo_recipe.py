@@ -90,3 +90,22 @@ def test_truncation_policy_is_counted(tiny_tokenizer):
     with pytest.raises(PosttrainError, match="all 2 prompts fill train.max_length"):
         tokenize_pairs(tiny_tokenizer, rows, max_length=5)
     assert torch.tensor(pairs[0]["chosen_ids"]).numel() > 0
+
+
+def test_explicit_reference_model_is_not_loaded_on_a_cache_hit(sft_dir, tmp_path, monkeypatch):
+    from posttrain.recipes_registry import load_recipe
+
+    args = ["data.train={path: tiny:preference, fraction: 0.25}", "data.eval=[]", "train.max_steps=1",
+            f"dpo.ref_model={sft_dir}"]
+    first = run_dpo("dpo", sft_dir, tmp_path / "a", *args)  # computes (with the reference loaded) and caches
+    recipe = load_recipe("dpo")
+    loaded, original = [], recipe.load_model
+
+    def counting_load_model(cfg, *rest, **kwargs):
+        loaded.append(cfg.name_or_path)
+        return original(cfg, *rest, **kwargs)
+
+    monkeypatch.setattr(recipe, "load_model", counting_load_model)
+    second = run_dpo("dpo", sft_dir, tmp_path / "b", *args)
+    assert first["reference_forwards"] > 0 and second["reference_cache_hit"]
+    assert loaded == [str(sft_dir)]  # the policy only: the reference model was never loaded
