@@ -52,7 +52,8 @@ def _init_tiny(args) -> None:
 def _merge(args) -> None:
     from posttrain.models import merge_adapter
 
-    out = merge_adapter(args.adapter_dir, args.out, args.dtype, args.allow_pickle, args.trust_remote_code)
+    out = merge_adapter(args.adapter_dir, args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
+                        args.overwrite)
     print(f"posttrain: merged model written to {out}")
 
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     sub.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (pickle)")
     sub.add_argument("--trust-remote-code", action="store_true")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     sub = verb("quantize", _quantize, "post-training ternarization (BitNet b1.58, no training) and export")
     sub.add_argument("model", help="model folder, LoRA adapter folder, or hub name")
     sub.add_argument("--method", default="ternary", help="quantization method (ternary)")
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    # bitsandbytes warns on every CPU import that an optional kernels package is missing: noise, not news.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -150,6 +150,8 @@ class TrainConfig:
                 out.append((key, "must be >= 1"))
         if self.max_length < 8:
             out.append(("max_length", "must be >= 8 tokens"))
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            out.append(("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0 (0 disables it)"))
         if not 0 <= self.warmup_ratio < 1:
             out.append(("warmup_ratio", "must be in [0, 1)"))
         for key in ("eval_steps", "save_steps"):
@@ -207,6 +209,9 @@ class TernarySettings:
         out = []
         if self.lambda_warmup_steps < 0:
             out.append(("lambda_warmup_steps", "must be >= 0"))
+        if self.granularity != "tensor":
+            out.append(("granularity", "must be tensor for recipe ternary: transformers' BitNet format stores one "
+                                       "scale per tensor (channel/group scales: posttrain.ternary.convert in Python)"))
         if self.granularity == "group" and not (self.group_size and self.group_size > 0):
             out.append(("group_size", "must be a positive integer when granularity is group"))
         return out
@@ -239,10 +244,11 @@ class Config:
 
 
 class _Where:
-    """Maps dotted key paths to 'file:line' using YAML's node marks, for error messages."""
+    """Maps dotted key paths to 'file:line' using YAML's node marks, for error messages. Keys set by a
+    command-line override are named as such instead."""
 
-    def __init__(self, source: str, text: str | None):
-        self.source, self.lines = source, {}
+    def __init__(self, source: str, text: str | None, overridden: set[str] | None = None):
+        self.source, self.lines, self.overridden, self.duplicates = source, {}, overridden or set(), []
         if text is not None:
             try:
                 self._walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
@@ -255,12 +261,16 @@ class _Where:
                 path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
                 self.lines[path] = key_node.start_mark.line + 1
                 self._walk(value_node, path)
+            if list(k.value for k, _ in node.value).count(key_node.value) > 1:
+                self.duplicates.append((path, key_node.start_mark.line + 1))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
                 self._walk(item, f"{prefix}[{i}]")
 
     def fail(self, path: str, message: str) -> PosttrainError:
+        if any(path == key or path.startswith(key + ".") or path.startswith(key + "[") for key in self.overridden):
+            return PosttrainError(f"command-line override: {message}")
         line = self.lines.get(path)
         while line is None and "." in path:
             path_up = path.rsplit(".", 1)[0]
@@ -420,7 +430,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load, override and validate a run config. The public entry point."""
     tree, text = read_yaml(path)
     apply_overrides(tree, list(overrides or []), str(path))
-    return build(Config, tree, _Where(str(path), text))
+    return build(Config, tree, where_in(path, text, overrides))
+
+
+def where_in(path, text: str, overrides: list[str] | None) -> _Where:
+    """Error locations for a config file plus its overrides; a key written twice in the file is an error
+    (YAML would silently keep the last one)."""
+    where = _Where(str(path), text, {o.partition("=")[0].strip() for o in overrides or []})
+    if where.duplicates:
+        key, line = where.duplicates[-1]
+        raise PosttrainError(f"{path}:{line}: key {key!r} is written twice; merge the two into one")
+    return where
 
 
 def to_dict(cfg) -> dict:

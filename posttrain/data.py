@@ -59,7 +59,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # Excel & co. write a BOM
             except UnicodeDecodeError:
                 raise PosttrainError(f"{path}:{number}: not UTF-8 text; re-save the file as UTF-8") from None
             if not line:
@@ -77,7 +77,7 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise PosttrainError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
     except json.JSONDecodeError as err:
@@ -92,9 +92,12 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
 def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
     rows, origins = [], []
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
+                if None in row:
+                    raise PosttrainError(f"{path}:{reader.line_num}: more fields than the header has columns; "
+                                         "quote fields that contain commas")
                 rows.append(dict(row))
                 origins.append(f"{path}:{reader.line_num}")
     except UnicodeDecodeError:
@@ -275,9 +278,11 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Rows, Rows | None]:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         n_eval = min(cfg.max_eval_rows, int(len(rows) * cfg.eval_fraction))
-        held, order = order[:n_eval], order[n_eval:]
+        held = order[:n_eval]
+        held_origins = {origins[i] for i in held}  # a repeated row (fraction > 1) is held out with all its copies
         eval_rows, eval_origins = [rows[i] for i in held], [origins[i] for i in held]
-        rows, origins = [rows[i] for i in sorted(order)], [origins[i] for i in sorted(order)]
+        keep = [i for i in range(len(rows)) if origins[i] not in held_origins]
+        rows, origins = [rows[i] for i in keep], [origins[i] for i in keep]
     train = normalize(rows, origins, cfg, "train")
     if not eval_rows:
         return train, None

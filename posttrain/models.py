@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -39,14 +40,19 @@ def resolve_path(name_or_path: str, allow_pickle: bool = False) -> str:
             raise PosttrainError(f"model path {name_or_path!r} is a file; give the model's folder")
         has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
         has_pickle = any((path / name).exists() for name in PICKLE_WEIGHTS)
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise PosttrainError(f"{path} is not a model folder (no config.json or adapter_config.json)")
         if has_pickle and not has_safetensors and not allow_pickle:
             raise PosttrainError(
                 f"{path} holds only pickle weights (pytorch_model.bin), which can run code when loaded; convert "
                 "them to safetensors, or set model.allow_pickle: true if you trust the source"
             )
         return str(path)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise PosttrainError(f"model path {name_or_path!r} does not exist (checked {path.resolve()})")
+    first = name_or_path.split("/", 1)[0]
+    local_looking = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if local_looking or ("/" in name_or_path and Path(first).is_dir()):  # runs/tiny-sft: under a local folder
+        raise PosttrainError(f"model path {name_or_path!r} does not exist (checked {path.resolve()}); "
+                             "if it is a run's output, run that config first")
     return name_or_path  # a hub name: transformers resolves it (network or HF cache)
 
 
@@ -70,8 +76,14 @@ def load_tokenizer(cfg: ModelConfig, resolved: str):
     if not tokenizer.is_fast:
         raise PosttrainError(f"{cfg.name_or_path}: posttrain needs a fast tokenizer (for loss-mask offsets)")
     if cfg.chat_template:
-        template = Path(cfg.chat_template)
-        tokenizer.chat_template = template.read_text() if template.is_file() else cfg.chat_template
+        template = Path(cfg.chat_template).expanduser()
+        if template.is_file():
+            tokenizer.chat_template = template.read_text()
+        elif "{{" in cfg.chat_template or "{%" in cfg.chat_template:
+            tokenizer.chat_template = cfg.chat_template
+        else:
+            raise PosttrainError(f"model.chat_template: file {cfg.chat_template!r} not found (and it is not an "
+                                 "inline Jinja template)")
     elif not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None:
@@ -123,6 +135,9 @@ def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: Adapter
         use_safetensors=None if cfg.allow_pickle else True,
     )
     if cfg.attn_implementation:
+        if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise PosttrainError("model.attn_implementation: flash_attention_2 needs flash-attn (pip install "
+                                 "flash-attn, on a CUDA GPU); use sdpa otherwise")
         kwargs["attn_implementation"] = cfg.attn_implementation
     if adapter is not None and adapter.method == "qlora":
         kwargs["quantization_config"] = qlora_quantization(adapter, kwargs["dtype"])
@@ -169,13 +184,20 @@ def qlora_quantization(adapter: AdapterConfig, compute_dtype):
     )
 
 
-def lora_config(adapter: AdapterConfig | None):
-    """peft LoraConfig for the adapter section (None: full fine-tuning)."""
+def lora_config(adapter: AdapterConfig | None, model=None):
+    """peft LoraConfig for the adapter section (None: full fine-tuning); target names checked against model."""
     if adapter is None:
         return None
     from peft import LoraConfig
 
     targets = adapter.target_modules
+    if model is not None and targets != ["all-linear"]:
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+            raise PosttrainError(f"adapter.target_modules {missing} not in the model; its linear layers: {linear} "
+                                 "(or use all-linear)")
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
@@ -208,12 +230,16 @@ def adapter_base(adapter_dir: str | Path) -> str:
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                  allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
+                  allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """LoRA adapter + its base -> one full model folder (written atomically). A QLoRA adapter is merged
     into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them)."""
     from posttrain.outputs import atomic_dir
 
-    adapter_dir = Path(adapter_dir)
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise PosttrainError(f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite")
+    if not adapter_dir.is_dir():
+        raise PosttrainError(f"adapter folder {adapter_dir} does not exist")
     if not is_adapter_dir(adapter_dir):
         raise PosttrainError(f"{adapter_dir}: not a LoRA adapter folder (no adapter_config.json)")
     cfg = ModelConfig(name_or_path=str(adapter_dir), dtype=dtype, allow_pickle=allow_pickle,

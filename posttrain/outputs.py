@@ -6,7 +6,9 @@ the final artifacts are written into a staging folder and moved in before it, so
 no metrics.json and the folder reads as unfinished.
 
 An output_dir holding a finished run is refused unless `overwrite: true`; one holding an unfinished run of
-posttrain's is cleared and reused; a non-empty folder that posttrain did not write is never touched.
+posttrain's is reused; a non-empty folder that posttrain did not write is never touched, nor one that holds
+the run's own model or data. A replaced run is moved aside to `.NAME.replaced` and deleted only once the new
+run has finished, so a failed overwrite (a typo in the data path, a crash) loses nothing.
 """
 
 from __future__ import annotations
@@ -42,15 +44,26 @@ def prepare_run_dir(cfg: Config) -> Path:
     _check_run_dir(cfg, out)  # every process checks (read-only), so all fail alike instead of hanging
     process.wait_for_everyone()
     if process.is_main_process:
-        if out.is_dir():
-            shutil.rmtree(out)  # our own unfinished or overwritten run
+        if out.is_dir() and _replaced(out).exists():
+            shutil.rmtree(out)  # an unfinished overwrite; the run it replaces is still kept aside
+        elif out.is_dir():  # our own unfinished run, or a finished one with overwrite: kept until this one finishes
+            os.replace(out, _replaced(out))
         out.mkdir(parents=True)
         write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
     process.wait_for_everyone()
     return out
 
 
+def _replaced(out: Path) -> Path:
+    return out.with_name(f".{out.name}.replaced")
+
+
 def _check_run_dir(cfg: Config, out: Path) -> None:
+    inputs = [cfg.model.name_or_path, *(s.path for s in cfg.data.train + cfg.data.eval)]
+    for given in inputs:
+        path = Path(given).expanduser()
+        if path.exists() and (path.resolve() == out.resolve() or out.resolve() in path.resolve().parents):
+            raise PosttrainError(f"output_dir {out} holds this run's own input {given!r}; choose another output_dir")
     if out.exists() and not out.is_dir():
         raise PosttrainError(f"output_dir {out} is a file; choose a folder")
     if is_complete(out) and not cfg.overwrite:
@@ -112,6 +125,7 @@ def _finish(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json_atomic(run_dir / METRICS_FILE, metrics)
+    shutil.rmtree(_replaced(run_dir), ignore_errors=True)  # the run this one overwrote, now superseded
 
 
 def load_result(run_dir: str | Path) -> dict:

@@ -24,7 +24,7 @@ from typing import Literal
 
 import yaml
 
-from posttrain.config import _Where, apply_overrides, build, read_yaml
+from posttrain.config import apply_overrides, build, read_yaml, where_in
 from posttrain.errors import PosttrainError
 
 
@@ -73,7 +73,7 @@ class PipelineConfig:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     tree, text = read_yaml(path)
     apply_overrides(tree, list(overrides or []), str(path))
-    return build(PipelineConfig, tree, _Where(str(path), text))
+    return build(PipelineConfig, tree, where_in(path, text, overrides))
 
 
 def stage_done(stage: Stage, folder: Path) -> bool:
@@ -112,6 +112,8 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Run (or finish) a pipeline; returns its output folder."""
     cfg = load_pipeline(path, overrides)
     root, out = Path(path).resolve().parent, Path(cfg.output_dir).expanduser()
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise PosttrainError(f"output_dir {out}: a file is in the way; choose a folder path")
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump({"source": str(path), "overrides": overrides or []}))
     for stage in cfg.stages:

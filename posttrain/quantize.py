@@ -28,6 +28,8 @@ def quantize(model: str, out_dir: str | Path, method: str = "ternary", fmt: str 
     if fmt not in FORMATS:
         raise PosttrainError(f"--format {fmt!r} is not available; choose one of {', '.join(FORMATS)}")
     out_dir = Path(out_dir)
+    if any(p.exists() and not p.is_dir() for p in (out_dir, *out_dir.parents)):
+        raise PosttrainError(f"--out {out_dir}: a file is in the way; choose a folder path")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise PosttrainError(f"--out {out_dir} is not empty; choose another folder or pass --overwrite")
     cfg = ModelConfig(name_or_path=model, dtype=dtype, allow_pickle=allow_pickle)

@@ -6,6 +6,7 @@ One mapping, in one place, shared by every recipe: the recipes add only their ob
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import platform
 import sys
 import time
@@ -41,9 +42,15 @@ def checkpointing_flag(args_class, enabled: bool) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
 
 
+REPORTER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+
+
 def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, **recipe_args):
     """TRL SFTConfig / DPOConfig (args_class) from the typed config."""
     train = cfg.train
+    package = REPORTER_PACKAGES.get(train.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise PosttrainError(f"train.report_to: {train.report_to} needs the {package} package: pip install {package}")
     return args_class(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=train.max_steps,

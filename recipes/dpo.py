@@ -31,13 +31,13 @@ from posttrain.training import LossHistory, model_card, run_metrics, trainer_arg
 
 
 def main(cfg: Config) -> dict:
-    # 1. Output folder, tokenizer, and the pairs tokenized as TRL does (truncation counted, see preference.py).
-    run_dir = prepare_run_dir(cfg)
+    # 1. Tokenizer and the pairs tokenized as TRL does (truncation counted, see preference.py), then the folder.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
     train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
     train_pairs, data_counts = tokenize_pairs(tokenizer, train_rows, cfg.train.max_length)
     eval_pairs = tokenize_pairs(tokenizer, eval_rows, cfg.train.max_length)[0] if eval_rows else None
+    run_dir = prepare_run_dir(cfg)  # after the data: a bad row never costs the folder's previous run
 
     # 2. Reference log-probs from the on-disk cache when this reference has already scored these pairs.
     ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
@@ -68,7 +68,7 @@ def main(cfg: Config) -> dict:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.adapter),
+        peft_config=lora_config(cfg.adapter, model),
         callbacks=[history],
     )
     if cfg.dpo.precompute_ref:

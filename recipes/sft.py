@@ -18,16 +18,17 @@ from posttrain.training import LossHistory, model_card, run_metrics, trainer_arg
 
 
 def main(cfg: Config) -> dict:
-    # 1. The output folder: refuse to clobber a finished run; record the resolved config first.
-    run_dir = prepare_run_dir(cfg)
-
-    # 2. Data: read, normalize and tokenize with posttrain's loss masks (assistant turns + end-of-turn token
+    # 1. Data: read, normalize and tokenize with posttrain's loss masks (assistant turns + end-of-turn token
     #    for chat rows, the completion for prompt/completion rows, everything for text). TRL then takes the
     #    ready `labels` as they are, so the mask is ours for any chat template.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
     train_set, eval_set, data_counts = sft_examples(cfg, tokenizer)
     print(f"posttrain: {len(train_set.examples)} training rows ({data_counts})")
+
+    # 2. The output folder, only once the data is good: refuse to clobber a finished run (unless overwrite,
+    #    and even then the old run is kept aside until this one finishes); the resolved config goes in first.
+    run_dir = prepare_run_dir(cfg)
 
     # 3. Model: full precision or 4-bit (QLoRA); TRL wraps it with the LoRA adapter when one is configured.
     model = load_model(cfg.model, resolved, tokenizer, cfg.adapter)
@@ -40,7 +41,7 @@ def main(cfg: Config) -> dict:
         train_dataset=Dataset.from_list(train_set.examples),
         eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg.adapter),
+        peft_config=lora_config(cfg.adapter, model),
         callbacks=[history],
     )
     train_output = trainer.train()

@@ -26,11 +26,11 @@ from posttrain.training import LossHistory, model_card, run_metrics, trainer_arg
 
 
 def main(cfg: Config) -> dict:
-    # 1. Output folder, data with posttrain's loss masks (as in the sft recipe).
-    run_dir = prepare_run_dir(cfg)
+    # 1. Data with posttrain's loss masks (as in the sft recipe), then the output folder.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
     train_set, eval_set, data_counts = sft_examples(cfg, tokenizer)
+    run_dir = prepare_run_dir(cfg)  # after the data: a bad row never costs the folder's previous run
 
     # 2. The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
     model = load_model(cfg.model, resolved, tokenizer)

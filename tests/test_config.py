@@ -113,3 +113,13 @@ def test_config_reference_is_generated_and_current():
     assert (CONFIGS.parent / "docs" / "CONFIG.md").read_text() == reference(), \
         "docs/CONFIG.md is stale: python -m posttrain.config_reference > docs/CONFIG.md"
     assert "lambda_warmup_steps: 100" in reference() and "# sft | dpo | ternary" in reference()
+
+
+def test_duplicate_keys_and_override_provenance(tmp_path):
+    path = write(tmp_path, BASE + "train:\n  seed: 1\ntrain:\n  seed: 2\n")
+    with pytest.raises(PosttrainError, match=r"c\.yaml:9: key 'train' is written twice"):
+        load_config(path)
+    with pytest.raises(PosttrainError, match=r"^command-line override: train\.batch_size must be >= 1"):
+        load_config(write(tmp_path, BASE), ["train.batch_size=0"])
+    with pytest.raises(PosttrainError, match="ternary.granularity must be tensor"):
+        load_config(write(tmp_path, BASE), ["ternary.granularity=channel"])

@@ -155,3 +155,20 @@ def test_hub_dataset_while_offline_says_so():
 def test_normalize_rejects_empty():
     with pytest.raises(PosttrainError, match="hold no rows"):
         normalize([], [], DataConfig(train=[DataSource("x")]), "train")
+
+
+def test_bom_is_accepted_and_csv_extra_fields_are_reported(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n')
+    assert read_source(DataSource(str(bom)))[0] == [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,completion\nq,a\n")
+    assert read_source(DataSource(str(tmp_path / "bom.csv")))[0] == [{"prompt": "q", "completion": "a"}]
+    (tmp_path / "extra.csv").write_text("prompt,completion\nq,a,surprise\n")
+    with pytest.raises(PosttrainError, match=r"extra\.csv:2: more fields than the header"):
+        read_source(DataSource(str(tmp_path / "extra.csv")))
+
+
+def test_held_out_rows_never_leak_into_train_when_repeated(tmp_path):
+    path = jsonl(tmp_path, [{"text": f"t{i}"} for i in range(40)])
+    train, held = load_splits(DataConfig(train=[DataSource(path, fraction=3.0)], eval_fraction=0.1), seed=0)
+    assert held.rows and not {r["text"] for r in held.rows} & {r["text"] for r in train.rows}

@@ -103,7 +103,7 @@ def test_unloadable_hub_name_says_it_was_taken_as_a_hub_id(monkeypatch):
 def test_folder_checks(tmp_path, tiny):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(PosttrainError, match="neither config.json"):
+    with pytest.raises(PosttrainError, match="is not a model folder"):
         load_variant(str(empty))
     binonly = tmp_path / "binonly"
     binonly.mkdir()

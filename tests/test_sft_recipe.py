@@ -109,3 +109,26 @@ def test_foreign_folder_is_never_clobbered(tmp_path):
     with pytest.raises(PosttrainError, match="not empty and was not written by posttrain"):
         run_tiny("sft", out)
     assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_failed_overwrite_loses_nothing_and_inputs_are_never_outputs(tmp_path):
+    out = tmp_path / "sft"
+    run_tiny("sft", out, "train.max_steps=2")
+    with pytest.raises(PosttrainError, match="does not exist"):
+        run_tiny("sft", out, "overwrite=true", "data.train=./typo.jsonl")
+    assert is_complete(out)  # the data is checked before the folder is touched
+    with pytest.raises(PosttrainError, match="holds this run's own input"):
+        run_tiny("sft", out, "overwrite=true", f"model.name_or_path={out}")
+    assert is_complete(out)
+
+
+def test_merge_never_replaces_a_folder_without_overwrite(tmp_path):
+    from posttrain.cli import main
+
+    run_tiny("lora", tmp_path / "lora", "train.max_steps=2")
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(target)]) == 2
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(target), "--overwrite"]) == 0

@@ -99,10 +99,6 @@ def classify(value: str) -> tuple[str, str]:
         return "hub", resolved
     if is_adapter_dir(path):
         return "adapter", str(path.resolve())
-    if not (path / "config.json").is_file():
-        raise PosttrainError(
-            f"model folder {path} has neither config.json (a model) nor adapter_config.json (a PEFT adapter)"
-        )
     return ("bitnet" if is_ternary_dir(path) else "full"), str(path.resolve())
 
 
