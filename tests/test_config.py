@@ -123,3 +123,11 @@ def test_duplicate_keys_and_override_provenance(tmp_path):
         load_config(write(tmp_path, BASE), ["train.batch_size=0"])
     with pytest.raises(PosttrainError, match="ternary.granularity must be tensor"):
         load_config(write(tmp_path, BASE), ["ternary.granularity=channel"])
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "eval").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_eval_suite_loads(path):
+    from posttrain.eval import load_suite
+
+    assert path.read_text().startswith("# posttrain eval ")
+    assert load_suite(path)
