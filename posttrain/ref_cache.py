@@ -3,7 +3,7 @@
 DPO needs log pi_ref(y|x) for every chosen and rejected completion. They depend only on the reference
 weights, the tokenized pairs and the precision they were computed in, so posttrain stores them keyed by
 
-    sha256(reference weights fingerprint, tokenized pairs, dtype, cache format version)
+    sha256(reference weights fingerprint, tokenized pairs, precision (dtype, attention, 4-bit base), version)
 
 in `$POSTTRAIN_CACHE/ref_logps/<key>.safetensors`. A later run with the same key (a beta or loss sweep, a
 rerun) loads them and never loads or runs the reference model; any change to the weights, the data, the

@@ -43,7 +43,9 @@ def main(cfg: Config) -> dict:
     ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
     ref_resolved = resolve_path(ref_name, cfg.model.allow_pickle)
     reference = reference_fingerprint(ref_name, ref_resolved, cfg.model.revision)
-    dtype = f"{torch_dtype(cfg.model.dtype)}|{cfg.model.attn_implementation}"
+    # a 4-bit (QLoRA) base scores differently from the same weights in full precision
+    quantized = cfg.adapter.quant_type if cfg.adapter and cfg.adapter.method == "qlora" else "full"
+    dtype = f"{torch_dtype(cfg.model.dtype)}|{cfg.model.attn_implementation}|{quantized}"
     train_set, train_key, train_hit = with_cached_reference(train_pairs, reference, dtype)
     eval_set, eval_key, eval_hit = (with_cached_reference(eval_pairs, reference, dtype) if eval_pairs
                                     else (None, None, True))
