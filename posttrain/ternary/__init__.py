@@ -4,6 +4,8 @@ Typical QAT flow:
     n = convert(model)                                     # decoder nn.Linear -> BitLinear (not lm_head)
     trainer = SFTTrainer(..., callbacks=[TernaryLambdaCallback(warmup_steps=1000)])
     export_bitnet(model, tokenizer, "out/")                 # AutoModelForCausalLM.from_pretrained("out/")
+    export_gguf(model, tokenizer, "gguf/", "gguf-tq2")      # llama.cpp: gguf/model-tq2_0.gguf (needs `gguf`)
+    fast = load_fast_ternary("out/", device="cuda")         # packed 2-bit kernels (Triton / C), same outputs
 """
 
 from posttrain.ternary.bitlinear import (
@@ -21,6 +23,14 @@ from posttrain.ternary.export import (
     export_fake_quant,
     load_ternary,
 )
+from posttrain.ternary.gguf_export import export_gguf, gguf_bits_per_weight
+from posttrain.ternary.inference import (
+    TernaryLinear,
+    fuse_shared_inputs,
+    load_fast_ternary,
+    swap_ternary_linears,
+)
+from posttrain.ternary.kernel import ternary_linear_reference
 from posttrain.ternary.pack import pack_ternary, unpack_ternary
 from posttrain.ternary.quant import (
     absmean_scale,
@@ -48,6 +58,7 @@ def __getattr__(name: str):
 __all__ = [
     "BitLinear",
     "TernaryLambdaCallback",
+    "TernaryLinear",
     "absmean_scale",
     "activation_codes",
     "activation_quant",
@@ -58,16 +69,22 @@ __all__ = [
     "dequantize",
     "export_bitnet",
     "export_fake_quant",
+    "export_gguf",
+    "fuse_shared_inputs",
+    "gguf_bits_per_weight",
     "lambda_at",
     "latent_from_ternary",
     "load_ternary",
+    "load_fast_ternary",
     "matches_any",
     "pack_ternary",
     "quantizable_linears",
     "set_quant_lambda",
     "ste_blend",
+    "swap_ternary_linears",
     "ternarize_",
     "ternary_codes",
+    "ternary_linear_reference",
     "unpack_ternary",
     "weight_quant",
 ]
