@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,16 +127,20 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: int = 8  # examples (dpo: pairs) per device per step; packed, the step holds their tokens
+    grad_accum: int | Literal["auto"] = "auto"  # auto: 1, more only when the micro-batch would not fit in memory
+    tokens_per_step: int = 0  # packing: tokens per optimizer step (all devices); 0: batch_size x grad_accum examples
     max_length: int = 1024  # tokens; longer rows are truncated (keep start) and counted
-    packing: bool = False
-    gradient_checkpointing: bool = False  # trades ~30% speed for activation memory
+    packing: bool = True  # rows of max_length without padding; documents never attend to each other
+    gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on only when the step would not fit in memory
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused"] = "auto"  # auto: fused AdamW (CUDA and CPU)
+    liger_kernels: bool | Literal["auto"] = "auto"  # auto: on when liger-kernel is installed and a CUDA GPU is used
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, fp32 on CPU
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 0  # 0: evaluate once at the end
-    save_steps: int = 0  # 0: no intermediate checkpoints
+    save_steps: int = 0  # 0: no intermediate checkpoints (then --resume and SIGTERM have nothing to resume from)
+    save_total_limit: int = 2  # checkpoints kept (oldest deleted; the newest is always kept); 0: keep all
     report_to: Literal["none", "tensorboard", "trackio", "wandb"] = "none"
 
     def problems(self) -> list[tuple[str, str]]:
@@ -146,17 +152,21 @@ class TrainConfig:
         if not (0 < self.learning_rate < 1):
             out.append(("learning_rate", "must be in (0, 1), e.g. 2e-5 full, 2e-4 LoRA"))
         for key in ("batch_size", "grad_accum", "logging_steps"):
-            if getattr(self, key) < 1:
-                out.append((key, "must be >= 1"))
+            if getattr(self, key) != "auto" and getattr(self, key) < 1:
+                out.append((key, "must be >= 1" + (" or auto" if key == "grad_accum" else "")))
+        if self.tokens_per_step < 0 or (self.tokens_per_step and not self.packing):
+            out.append(("tokens_per_step", "must be >= 0, and is a packing budget: set train.packing: true or use 0"))
         if self.max_length < 8:
             out.append(("max_length", "must be >= 8 tokens"))
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             out.append(("max_grad_norm" if self.max_grad_norm < 0 else "weight_decay", "must be >= 0 (0 disables it)"))
         if not 0 <= self.warmup_ratio < 1:
             out.append(("warmup_ratio", "must be in [0, 1)"))
-        for key in ("eval_steps", "save_steps"):
+        for key in ("eval_steps", "save_steps", "save_total_limit"):
             if getattr(self, key) < 0:
                 out.append((key, "must be >= 0"))
+        if not 0 <= self.seed < 2**32:
+            out.append(("seed", "must be in [0, 2**32 - 1] (numpy's seed range)"))
         return out
 
 
@@ -214,6 +224,8 @@ class TernarySettings:
                                        "scale per tensor (channel/group scales: posttrain.ternary.convert in Python)"))
         if self.granularity == "group" and not (self.group_size and self.group_size > 0):
             out.append(("group_size", "must be a positive integer when granularity is group"))
+        elif self.group_size is not None and self.group_size < 1:
+            out.append(("group_size", "must be a positive integer (or null)"))
         return out
 
 
@@ -236,6 +248,8 @@ class Config:
             return [("output_dir", "is required: the folder the run writes")]
         if self.recipe == "ternary" and self.adapter is not None:
             return [("adapter", "must be absent for recipe: ternary (QAT trains the full weights)")]
+        if self.recipe == "dpo" and self.train.tokens_per_step:
+            return [("train.tokens_per_step", "is an SFT packing budget; a DPO step is batch_size x grad_accum pairs")]
         return []
 
 
@@ -251,22 +265,28 @@ class _Where:
         self.source, self.lines, self.overridden, self.duplicates = source, {}, overridden or set(), []
         if text is not None:
             try:
-                self._walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
-            except yaml.YAMLError:
+                self._walk(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
+            except (yaml.YAMLError, RecursionError, ValueError):
                 pass
 
-    def _walk(self, node, prefix):
+    def _walk(self, node, prefix, seen: set):
+        if id(node) in seen:  # an alias: its anchor was walked already (keeps a billion-laughs file cheap)
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            keys = set()
             for key_node, value_node in node.value:
                 path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
                 self.lines[path] = key_node.start_mark.line + 1
-                self._walk(value_node, path)
-            if list(k.value for k, _ in node.value).count(key_node.value) > 1:
-                self.duplicates.append((path, key_node.start_mark.line + 1))
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                if key in keys and key != "<<":
+                    self.duplicates.append((path, key_node.start_mark.line + 1))
+                keys.add(key)
+                self._walk(value_node, path, seen)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
-                self._walk(item, f"{prefix}[{i}]")
+                self._walk(item, f"{prefix}[{i}]", seen)
 
     def fail(self, path: str, message: str) -> PosttrainError:
         if any(path == key or path.startswith(key + ".") or path.startswith(key + "[") for key in self.overridden):
@@ -277,6 +297,20 @@ class _Where:
             line, path = self.lines.get(path_up), path_up
         where = f"{self.source}:{line}" if line else self.source
         return PosttrainError(f"{where}: {message}")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 80, 80, 3
+
+
+def _show(value) -> str:
+    """A value for an error message: short, one line, and cheap even for a huge or self-referencing one."""
+    if value is None:
+        return "null (an empty value)"
+    try:
+        return " ".join(_REPR.repr(value).split())
+    except ValueError:  # an int too long to print
+        return "a number too large to print"
 
 
 def _type_name(tp) -> str:
@@ -298,20 +332,27 @@ def _type_name(tp) -> str:
 
 def _convert(value: Any, tp, path: str, where: _Where):
     origin = typing.get_origin(tp)
-    wrong = lambda: where.fail(path, f"{path} must be {_type_name(tp)}, got {value!r}")  # noqa: E731
+    wrong = lambda: where.fail(path, f"{path} must be {_type_name(tp)}, got {_show(value)}")  # noqa: E731
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is not type(None):
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # X | None: X's own, more precise message
+            return _convert(value, options[0], path, where)
+        for arg in options:  # e.g. int | "auto": the first that takes the value
+            try:
                 return _convert(value, arg, path, where)
+            except PosttrainError:
+                pass
+        raise wrong()
     if origin is Literal:
         if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
-        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], n=1)
+        typed = value[:100] if isinstance(value, str) else _show(value)
+        close = difflib.get_close_matches(typed, [str(a) for a in typing.get_args(tp)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise where.fail(path, f"{path} must be one of {_type_name(tp)}, got {value!r}{hint}")
+        raise where.fail(path, f"{path} must be one of {_type_name(tp)}, got {_show(value)}{hint}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]  # a single item is a one-item list
@@ -332,28 +373,37 @@ def _convert(value: Any, tp, path: str, where: _Where):
         raise wrong()
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-            return int(value)
-        raise wrong()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                number = float(value)
-            except ValueError:
-                raise wrong() from None
+            number = value
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
+            number = int(value)
         else:
             raise wrong()
+        if not -(2**63) <= number < 2**63:
+            raise where.fail(path, f"{path} is too large: {_show(value)} does not fit in 64 bits")
+        return number
+    if tp is float:
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            elif isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+                number = float(value)
+            else:
+                raise wrong()
+        except ValueError:
+            raise wrong() from None
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
         if not math.isfinite(number):
-            raise where.fail(path, f"{path} must be a finite number, got {value!r}")
+            raise where.fail(path, f"{path} must be a finite number, got {_show(value)}")
         return number
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            try:
+                return str(value)
+            except ValueError:  # an int too long to print
+                raise wrong() from None
         raise wrong()
     raise TypeError(f"unsupported config type {tp} at {path}")
 
@@ -375,6 +425,12 @@ def build(cls, data: dict, where: _Where | None = None, prefix: str = ""):
     for key, message in obj.problems() if hasattr(obj, "problems") else []:
         path = f"{prefix}.{key}" if prefix else key
         raise where.fail(path, f"{path} {message}")
+    for name in names:  # a section left out is its defaults, which must pass too (e.g. model: is required)
+        default = getattr(obj, name)
+        if name not in kwargs and dataclasses.is_dataclass(default) and hasattr(default, "problems"):
+            for key, message in default.problems():
+                path = ".".join(filter(None, [prefix, name, key]))
+                raise where.fail(path, f"{path} {message}")
     return obj
 
 
@@ -399,8 +455,9 @@ def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
             raise PosttrainError(f"override {item!r} must look like key.sub=value, e.g. train.learning_rate=1e-4")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise PosttrainError(f"override {item!r}: the value is not valid YAML ({err.problem})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as err:
+            problem = _yaml_problem(err)
+            raise PosttrainError(f"override {_show(item)}: the value is not valid YAML ({problem})") from None
         _set_dotted(tree, key.strip(), value, source)
     return tree
 
@@ -408,22 +465,45 @@ def apply_overrides(tree: dict, overrides: list[str], source: str) -> dict:
 def read_yaml(path: str | Path) -> tuple[dict, str]:
     """Read a YAML mapping with yaml.safe_load; return it and the raw text (for line numbers)."""
     path = Path(path)
+    if path.is_dir():
+        raise PosttrainError(f"{path}: is a folder; give the config's YAML file")
     if not path.is_file():
         raise PosttrainError(f"{path}: config file not found")
     try:
         text = path.read_text(encoding="utf-8")
         tree = yaml.safe_load(text)
+    except OSError as err:  # permission denied, I/O error ...
+        raise PosttrainError(f"{path}: cannot read the config ({err.strerror or err}); check its permissions") from None
     except UnicodeDecodeError:
         raise PosttrainError(f"{path}: not UTF-8 text; save the config as UTF-8 YAML") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
         mark = getattr(err, "problem_mark", None)
+        if mark is None and isinstance(getattr(err, "position", None), int):  # yaml.ReaderError: a bad character
+            mark = types.SimpleNamespace(line=text[: err.position].count("\n"))
         line = f":{mark.line + 1}" if mark else ""
-        raise PosttrainError(f"{path}{line}: invalid YAML: {getattr(err, 'problem', err)}") from None
+        raise PosttrainError(f"{path}{line}: invalid YAML: {_yaml_problem(err)}") from None
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
         raise PosttrainError(f"{path}: the config must be a YAML mapping (key: value), got {type(tree).__name__}")
     return tree, text
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line saying what is wrong with some YAML, with a hint for the usual mistakes."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, yaml.reader.ReaderError):
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        return f"unacceptable character {char} ({err.reason}); is it a text file?"
+    if isinstance(err, yaml.YAMLError):
+        problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    else:  # e.g. an integer with more than 4300 digits
+        problem = str(err).split(":")[0]
+    problem = " ".join(str(problem).split())
+    if "'\\t'" in problem:
+        problem += "; indent with spaces, not tabs"
+    return problem
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -17,8 +17,10 @@ len(prompt) for a conversational prompt/completion row (TRL trains on the comple
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ from posttrain.config import DataConfig, DataSource
 from posttrain.errors import PosttrainError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+MAX_ROWS = 10**8  # a mix larger than this is a typo in a fraction, not a dataset (and would exhaust memory)
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "tool": "tool"}
@@ -54,34 +57,82 @@ class Rows:
 # Reading one source.
 
 
+def _kind(value) -> str:
+    """A value's type as a JSON user knows it, for error messages."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # nan, inf: the JSON NaN/Infinity extensions, or an empty CSV/parquet cell
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+_MAGIC = {b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip)", b"PK\x03\x04": "a zip archive; unzip it first",
+          b"\x89PNG": "a PNG image, not a dataset",
+          b"\x7fELF": "a program (ELF binary), not a dataset"}
+
+
+def _check_text(path: Path, head: bytes) -> None:
+    """Refuse, with what the file is instead, data that is not UTF-8 text (its first bytes: `head`)."""
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic):
+            raise PosttrainError(f"{path}: this is {what}")
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in head[:4096]:
+        raise PosttrainError(f"{path}: not UTF-8 text (UTF-16/32 text or binary: it holds NUL bytes); "
+                             "re-save the file as UTF-8")
+
+
+def _decode(path: Path, raw: bytes, line: int | None = None) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # Excel & co. write a BOM
+    except UnicodeDecodeError as err:
+        line = line or raw.count(b"\n", 0, err.start) + 1
+        raise PosttrainError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); re-save the file as "
+                             "UTF-8 (it may be Latin-1 or Windows-1252)") from None
+
+
+def _empty(path: Path) -> PosttrainError:
+    return PosttrainError(f"{path}: the file is empty, so the source(s) hold no rows; check the path")
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
     rows, origins = [], []
     with path.open("rb") as handle:
+        _check_text(path, handle.read(4096))
+        handle.seek(0)
         for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").strip()  # Excel & co. write a BOM
-            except UnicodeDecodeError:
-                raise PosttrainError(f"{path}:{number}: not UTF-8 text; re-save the file as UTF-8") from None
+            line = _decode(path, raw, number).strip()
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise PosttrainError(f"{path}:{number}: invalid JSON ({err.msg}); fix or remove this line") from None
+            except (ValueError, RecursionError) as err:  # a number of over 4300 digits; nesting too deep
+                why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
+                raise PosttrainError(f"{path}:{number}: unreadable JSON ({why}); fix or remove this line") from None
             if not isinstance(row, dict):
-                raise PosttrainError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+                raise PosttrainError(f"{path}:{number}: each line must be a JSON object, got {_kind(row)}")
             rows.append(row)
             origins.append(f"{path}:{number}")
+    if not rows:
+        raise _empty(path)
     return rows, origins
 
 
 def _read_json(path: Path) -> tuple[list[dict], list[str]]:
+    raw = path.read_bytes()
+    _check_text(path, raw)
+    text = _decode(path, raw)
+    del raw
+    if not text.strip():
+        raise _empty(path)
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise PosttrainError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise PosttrainError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:  # a number of over 4300 digits; nesting too deep
+        why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
+        raise PosttrainError(f"{path}: unreadable JSON ({why})") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} style
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -89,21 +140,41 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     return data, [f"{path}[{i}]" for i in range(len(data))]
 
 
-def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+def _csv_rows(path: Path, reader) -> tuple[list[dict], list[str]]:
     rows, origins = [], []
+    for row in reader:
+        fields = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
+        line = reader.line_num - sum(v.count("\n") for v in fields if isinstance(v, str))  # where it starts
+        if None in row:
+            raise PosttrainError(f"{path}:{line}: more fields than the header has columns; "
+                                 "quote fields that contain commas")
+        if None in row.values():
+            raise PosttrainError(f"{path}:{line}: fewer fields than the header has columns; the "
+                                 "file may be cut short, or a quote left open")
+        rows.append(dict(row))
+        origins.append(f"{path}:{line}")
+    return rows, origins
+
+
+def _read_csv(path: Path) -> tuple[list[dict], list[str]]:
+    with path.open("rb") as handle:
+        _check_text(path, handle.read(4096))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, path.stat().st_size + 1))  # a long text field is fine (the default: 128 KB)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
-            for row in reader:
-                if None in row:
-                    raise PosttrainError(f"{path}:{reader.line_num}: more fields than the header has columns; "
-                                         "quote fields that contain commas")
-                rows.append(dict(row))
-                origins.append(f"{path}:{reader.line_num}")
+            rows, origins = _csv_rows(path, reader)
+            header = reader.fieldnames or []
     except UnicodeDecodeError:
-        raise PosttrainError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+        _decode(path, path.read_bytes())  # raises, naming the line of the first bad byte
+        raise
     except csv.Error as err:
         raise PosttrainError(f"{path}: invalid CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+    if not "".join(header).strip() and not any("".join(row.values()).strip() for row in rows):  # blank
+        raise _empty(path)
     return rows, origins
 
 
@@ -139,6 +210,13 @@ def looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.endswith(FILE_SUFFIXES) or "\\" in text or text.count("/") > 1
 
 
+def _read_file(path: Path) -> tuple[list[dict], list[str]]:
+    try:
+        return READERS[path.suffix](path)
+    except OSError as err:  # permission denied, I/O error ...
+        raise PosttrainError(f"{path}: cannot read the file ({err.strerror or err}); check its permissions") from None
+
+
 def read_source(source: DataSource) -> tuple[list[dict], list[str]]:
     """All rows of one source, with their origins."""
     if source.path.startswith("tiny:"):
@@ -146,23 +224,30 @@ def read_source(source: DataSource) -> tuple[list[dict], list[str]]:
 
         rows = tiny_rows(source.path[len("tiny:"):], source.split)
         return rows, [f"{source.path}[{source.split}] row {i}" for i in range(len(rows))]
-    path = Path(source.path).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(source.path).expanduser()
+        is_dir, is_file, exists, resolved = path.is_dir(), path.is_file(), path.exists(), path.resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # a NUL byte, a name too long, ~unknown_user ...
+        why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)[:200]
+        raise PosttrainError(f"data source {source.path[:200]!r}: not a usable path ({why})") from None
+    if is_dir:
         files = sorted(p for p in path.rglob("*") if p.suffix in READERS and p.is_file())
         if not files:
             raise PosttrainError(f"{path}: folder holds no {'/'.join(FILE_SUFFIXES)} files")
         rows, origins = [], []
         for file in files:
-            more_rows, more_origins = READERS[file.suffix](file)
+            more_rows, more_origins = _read_file(file)
             rows += more_rows
             origins += more_origins
         return rows, origins
-    if path.is_file():
+    if is_file:
         if path.suffix not in READERS:
             raise PosttrainError(f"{path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
-        return READERS[path.suffix](path)
+        return _read_file(path)
+    if exists:
+        raise PosttrainError(f"{path}: not a regular file or folder (a device, socket or pipe?); give a data file")
     if looks_like_path(source.path):
-        raise PosttrainError(f"data file {source.path!r} does not exist (checked {path.resolve()})")
+        raise PosttrainError(f"data file {source.path!r} does not exist (checked {str(resolved)!r})")
     return _read_hub(source)
 
 
@@ -173,6 +258,9 @@ def mix_sources(sources: list[DataSource], seed: int) -> tuple[list[dict], list[
     for source in sources:
         source_rows, source_origins = read_source(source)
         indices = list(range(len(source_rows)))
+        if source.fraction > 1 and len(indices) * source.fraction > MAX_ROWS:
+            raise PosttrainError(f"data source {source.path!r}: fraction {source.fraction} would make "
+                                 f"{len(indices) * source.fraction:.3g} rows from its {len(indices)}; lower it")
         whole, part = divmod(source.fraction, 1.0)
         chosen = indices * int(whole) + rng.sample(indices, round(part * len(indices)))
         rows += [source_rows[i] for i in chosen]
@@ -197,13 +285,14 @@ def detect_format(row: dict, origin: str) -> str:
 
 def _text(value, origin: str, column: str) -> str:
     if not isinstance(value, str):
-        raise PosttrainError(f"{origin}: column {column!r} must be a string, got {type(value).__name__}")
+        raise PosttrainError(f"{origin}: column {column!r} must be a string, got {_kind(value)}")
     return value
 
 
 def parse_messages(value, origin: str, column: str, role_map: dict | None = None) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise PosttrainError(f"{origin}: column {column!r} must be a non-empty list of messages")
+        got = "an empty list" if value == [] else _kind(value)
+        raise PosttrainError(f"{origin}: column {column!r} must be a non-empty list of messages, got {got}")
     role_key, content_key = ("from", "value") if role_map else ("role", "content")
     out = []
     for i, message in enumerate(value):
@@ -211,9 +300,10 @@ def parse_messages(value, origin: str, column: str, role_map: dict | None = None
             raise PosttrainError(f"{origin}: {column}[{i}] must be an object with {role_key!r} and {content_key!r}")
         role = message[role_key]
         allowed = role_map or {r: r for r in ROLES}
-        if role not in allowed:
+        if not isinstance(role, str) or role not in allowed:
+            shown = repr(role[:100]) if isinstance(role, str) else f"({_kind(role)})"
             raise PosttrainError(
-                f"{origin}: {column}[{i}] has unknown role {role!r}; allowed: {', '.join(allowed)}"
+                f"{origin}: {column}[{i}] has unknown role {shown}; allowed: {', '.join(allowed)}"
             )
         out.append({"role": allowed[role], "content": _text(message[content_key], origin, f"{column}[{i}].content")})
     return out
@@ -255,6 +345,11 @@ def normalize(rows: list[dict], origins: list[str], cfg: DataConfig, label: str)
     """Rename columns, detect the format (from the first row) and normalize every row."""
     if not rows:
         raise PosttrainError(f"data.{label}: the source(s) hold no rows; check the path, split and fraction")
+    absent = [(ours, theirs) for ours, theirs in cfg.columns.items() if theirs not in rows[0] and ours not in rows[0]]
+    if absent:
+        ours, theirs = absent[0]
+        raise PosttrainError(f"{origins[0]}: data.columns maps {ours!r} to column {theirs!r}, which is not there; "
+                             f"its columns: {sorted(rows[0])[:50]}")
     reverse = {theirs: ours for ours, theirs in cfg.columns.items()}
     rows = [{reverse.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], origins[0])

@@ -56,6 +56,13 @@ def resolve_path(name_or_path: str, allow_pickle: bool = False) -> str:
     return name_or_path  # a hub name: transformers resolves it (network or HF cache)
 
 
+def _damaged(folder: str, what: str, err: Exception) -> PosttrainError:
+    """A local model folder whose files do not load (truncated JSON, damaged weights ...)."""
+    why = " ".join((str(err).strip().splitlines() or [""])[0].split())[:300]
+    return PosttrainError(f"{folder}: cannot load the {what} ({type(err).__name__}: {why}); a file in the folder is "
+                          "damaged or incomplete: re-download or re-save the model")
+
+
 def hub_error(name: str, err: Exception) -> PosttrainError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(err).lower() or "connect" in str(err).lower()
     why = str(err).splitlines()[0]
@@ -71,19 +78,34 @@ def load_tokenizer(cfg: ModelConfig, resolved: str):
         tokenizer = AutoTokenizer.from_pretrained(
             resolved, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a damaged JSON file in a local folder
+        if Path(resolved).is_dir():
+            raise _damaged(resolved, "tokenizer", err) from None
+        if not isinstance(err, OSError):
+            raise
         raise hub_error(cfg.name_or_path, err) from None
     if not tokenizer.is_fast:
         raise PosttrainError(f"{cfg.name_or_path}: posttrain needs a fast tokenizer (for loss-mask offsets)")
     if cfg.chat_template:
         template = Path(cfg.chat_template).expanduser()
         if template.is_file():
-            tokenizer.chat_template = template.read_text()
+            try:
+                tokenizer.chat_template = template.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise PosttrainError(f"model.chat_template: cannot read {str(template)!r} as UTF-8 text "
+                                     f"({type(err).__name__}); save the template as UTF-8") from None
         elif "{{" in cfg.chat_template or "{%" in cfg.chat_template:
             tokenizer.chat_template = cfg.chat_template
         else:
             raise PosttrainError(f"model.chat_template: file {cfg.chat_template!r} not found (and it is not an "
                                  "inline Jinja template)")
+        from jinja2 import TemplateSyntaxError
+
+        try:  # compile it now, not at the first row
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        except TemplateSyntaxError as err:
+            raise PosttrainError(f"model.chat_template: invalid Jinja template, line {err.lineno}: "
+                                 f"{' '.join(str(err.message).split())}") from None
     elif not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.eos_token is None:
@@ -141,11 +163,15 @@ def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: Adapter
         kwargs["attn_implementation"] = cfg.attn_implementation
     if adapter is not None and adapter.method == "qlora":
         kwargs["quantization_config"] = qlora_quantization(adapter, kwargs["dtype"])
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
-    except OSError as err:
+    except (OSError, ValueError, SafetensorError) as err:  # ValueError: a damaged JSON file in a local folder
         if Path(resolved).is_dir():
-            raise PosttrainError(f"{resolved}: cannot load the model: {str(err).splitlines()[0]}") from None
+            raise _damaged(resolved, "model", err) from None
+        if not isinstance(err, OSError):
+            raise
         raise hub_error(cfg.name_or_path, err) from None
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # only when a pad token had to be added
@@ -213,8 +239,12 @@ def is_ternary_dir(path: str | Path) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    quantization = json.loads(config.read_text()).get("quantization_config") or {}
-    return quantization.get("quant_method") == "bitnet"
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a damaged config.json: loading the model reports it
+        return False
+    quantization = (settings.get("quantization_config") if isinstance(settings, dict) else None) or {}
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "bitnet"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -222,8 +252,11 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
+    try:
+        config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _damaged(str(adapter_dir), "adapter_config.json", err) from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     if not base:
         raise PosttrainError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; add it")
     return base
