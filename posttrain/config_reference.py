@@ -33,7 +33,12 @@ def _allowed(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return " | ".join(str(a) for a in typing.get_args(tp))
     literal = [a for a in args if typing.get_origin(a) is typing.Literal]
-    return _allowed(literal[0]) + " | null" if literal else ""
+    if not literal:
+        return ""
+    others = {bool: "true | false", int: "an integer"}
+    extra = [others.get(a, getattr(a, "__name__", str(a))) for a in args if a not in literal]
+    nullable = ["null"] if type(None) in typing.get_args(tp) else []
+    return " | ".join([_allowed(literal[0]), *extra, *nullable])
 
 
 def _lines(cls, indent: str) -> list[str]:

@@ -6,6 +6,14 @@ posttrain's on-disk cache, see posttrain.ref_cache) skips TRL's reference pass. 
 pass of the precompute goes through `compute_ref_log_probs`, which counts them (`reference_forwards`) so
 tests and logs can show that a cached run ran none. (With dpo.precompute_ref off, TRL runs the reference
 inside every training step instead, uncounted.)
+
+Padding-free batches (train.packing, posttrain.packing.PaddingFreePreferenceCollator): the batch carries TRL's
+padded layout plus the same sequences packed into rows. `compute_loss` and `compute_ref_log_probs` hand TRL a
+`PackedForward` in place of the model: it runs the packed rows (documents isolated by position_ids) and returns
+TRL's fused-head outputs scattered back into the padded layout, so TRL's loss, metrics and every loss_type run
+unchanged on per-sequence sums that equal the padded ones up to float rounding. (TRL 1.16 disables its own
+`padding_free` for DPO.) Not packed: the reference forward of a PEFT policy with precompute_ref off, which TRL
+runs on `self.model` directly, padded.
 """
 
 from __future__ import annotations
@@ -18,8 +26,40 @@ from trl import DPOTrainer
 
 from posttrain import ref_cache
 from posttrain.models import adapter_base, is_adapter_dir, resolve_path
+from posttrain.packing import PACKED_KEYS
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+
+class PackedForward:
+    """Stands in for the model inside TRL's DPO loss: TRL calls it with its padded batch and fused_lm_head=True;
+    it runs the packed rows instead and returns the per-token outputs in TRL's padded layout."""
+
+    def __init__(self, model, packed: dict):
+        self.model, self.packed = model, packed
+
+    def __call__(self, *args, fused_lm_head=False, labels=None, **kwargs):
+        if not fused_lm_head:  # TRL's (deprecated) return_outputs path wants logits: the padded forward
+            return self.model(*args, labels=labels, **kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        kwargs["use_cache"] = False  # with a cache the packed sequences would attend to each other
+        p = self.packed
+        outputs = self.model(input_ids=p["packed_input_ids"], position_ids=p["packed_position_ids"],
+                             labels=p["packed_labels"], fused_lm_head=True, **kwargs)
+        index, missing = p["packed_index"].clamp(min=0), p["packed_index"] < 0
+        for name in PER_TOKEN_OUTPUTS:
+            value = getattr(outputs, name, None)
+            if value is not None:  # zero where TRL's padded layout has no token, as TRL's own outputs are
+                setattr(outputs, name, value.reshape(-1)[index].masked_fill(missing, 0))
+        return outputs
+
+
+def pop_packed(inputs: dict) -> dict | None:
+    """The packed tensors of a padding-free batch, removed from `inputs` (TRL would pass them to the model)."""
+    if PACKED_KEYS[0] not in inputs:
+        return None
+    return {key: inputs.pop(key) for key in PACKED_KEYS}
 
 
 class CachedReferenceDPOTrainer(DPOTrainer):
@@ -52,7 +92,19 @@ class CachedReferenceDPOTrainer(DPOTrainer):
 
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forwards += 1
-        return super().compute_ref_log_probs(model, inputs)
+        packed = pop_packed(inputs)
+        return super().compute_ref_log_probs(model if packed is None else PackedForward(model, packed), inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        packed = pop_packed(inputs)
+        if packed is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ref_model = self.ref_model  # a separate reference (precompute_ref off) runs packed too
+        self.ref_model = None if ref_model is None else PackedForward(ref_model, packed)
+        try:
+            return super().compute_loss(PackedForward(model, packed), inputs, return_outputs, num_items_in_batch)
+        finally:
+            self.ref_model = ref_model
 
 
 def reference_fingerprint(name_or_path: str, resolved: str, revision: str | None) -> str:

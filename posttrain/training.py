@@ -45,9 +45,13 @@ def checkpointing_flag(args_class, enabled: bool) -> dict:
 REPORTER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
 
 
-def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, **recipe_args):
-    """TRL SFTConfig / DPOConfig (args_class) from the typed config."""
+def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=None, **recipe_args):
+    """TRL SFTConfig / DPOConfig (args_class) from the typed config; `plan` (posttrain.speed.SpeedPlan) holds the
+    resolved micro-batch, accumulation, checkpointing, optimizer and kernels (without one: the config's values)."""
+    from posttrain.speed import fixed_plan
+
     train = cfg.train
+    plan = plan or fixed_plan(train)
     package = REPORTER_PACKAGES.get(train.report_to)
     if package and importlib.util.find_spec(package) is None:
         raise PosttrainError(f"train.report_to: {train.report_to} needs the {package} package: pip install {package}")
@@ -60,9 +64,7 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, **recip
         warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_eval_batch_size=train.batch_size,  # evaluation stays unpacked: examples (pairs) per batch
         max_length=train.max_length,
         seed=train.seed,
         data_seed=train.seed,
@@ -72,12 +74,15 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, **recip
         eval_steps=train.eval_steps or None,
         save_strategy="steps" if train.save_steps else "no",
         save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit or None,
         report_to=[] if train.report_to == "none" else [train.report_to],
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: skip DDP's extra graph walk
         dataloader_drop_last=False,
         **precision_flags(train.precision),
-        **checkpointing_flag(args_class, train.gradient_checkpointing),
+        **plan.trainer_kwargs(),
+        **checkpointing_flag(args_class, plan.gradient_checkpointing),
         **recipe_args,
     )
 
@@ -89,6 +94,10 @@ class LossHistory(TrainerCallback):
         self.losses: list[tuple[int, float]] = []
         self.logs: list[dict] = []
         self.started = time.perf_counter()
+        self.tokens_at_start = 0  # a resumed run counts its throughput from where it resumed
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -115,13 +124,16 @@ def run_metrics(trainer, train_output, history: LossHistory, data_counts: dict, 
     runtime = time.perf_counter() - history.started
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     train_runtime = float(train_output.metrics.get("train_runtime", runtime))
+    # The Trainer's log history, restored from the checkpoint on --resume, holds the whole run's losses.
+    losses = [(log["step"], float(log["loss"])) for log in state.log_history if "loss" in log] or history.losses
     return {
-        "train_loss_first": history.losses[0][1] if history.losses else None,
-        "train_loss_last": history.losses[-1][1] if history.losses else None,
-        "train_loss_history": history.losses,
+        "train_loss_first": losses[0][1] if losses else None,
+        "train_loss_last": losses[-1][1] if losses else None,
+        "train_loss_history": losses,
         "steps": state.global_step,
+        "world_size": trainer.args.world_size,
         "trained_tokens": tokens,
-        "tokens_per_second": tokens / train_runtime if train_runtime else None,
+        "tokens_per_second": (tokens - history.tokens_at_start) / train_runtime if train_runtime else None,
         "train_runtime_s": train_runtime,
         "runtime_s": runtime,
         "data": data_counts,

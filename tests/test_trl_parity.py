@@ -1,4 +1,5 @@
-"""The same rows through posttrain and through a plain TRL SFTTrainer script give the same first-step loss."""
+"""The same rows through posttrain and through a plain TRL SFTTrainer script give the same first-step loss,
+unpacked and packed (the packed step holds the same documents: the step's token budget is the batch's tokens)."""
 
 import json
 
@@ -32,12 +33,13 @@ def plain_trl_first_loss(model_dir, rows, out, chat_template=None):
     return next(log["loss"] for log in trainer.state.log_history if "loss" in log)
 
 
-def posttrain_first_loss(rows, tmp_path):
+def posttrain_first_loss(rows, tmp_path, packing=False):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = load_config(_tiny_sft(), [
         f"data.train={data}", "data.eval=[]", "data.eval_fraction=0", f"output_dir={tmp_path / 'pt'}",
-        "train.max_steps=1", f"train.batch_size={len(rows)}", "train.learning_rate=1e-3", "train.logging_steps=1"])
+        "train.max_steps=1", f"train.batch_size={len(rows)}", "train.learning_rate=1e-3", "train.logging_steps=1",
+        f"train.packing={str(packing).lower()}"])
     return posttrain.run(cfg)["train_loss_first"]
 
 
@@ -47,11 +49,12 @@ def _tiny_sft():
     return Path(__file__).resolve().parent.parent / "configs" / "tiny" / "sft.yaml"
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("task", ["prompt_completion", "chat"])
-def test_first_step_loss_matches_plain_trl(task, tmp_path, tiny_model_dir):
+def test_first_step_loss_matches_plain_trl(task, packing, tmp_path, tiny_model_dir):
     rows = tiny_rows(task)[:8]
     # TRL needs {% generation %} tags to mask chat rows; posttrain gets the same mask from the untagged template.
     template = TAGGED_CHATML if task == "chat" else None
     theirs = plain_trl_first_loss(tiny_model_dir, rows, tmp_path / "trl", template)
-    ours = posttrain_first_loss(rows, tmp_path)
+    ours = posttrain_first_loss(rows, tmp_path, packing)
     assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-6)

@@ -1,0 +1,485 @@
+"""Training throughput: posttrain's defaults vs a plain TRL script with TRL's defaults vs TRL tuned, in one run.
+
+    python scripts/bench_train.py --mode cpu              # small model, ~5 min on 2 cores
+    python scripts/bench_train.py --mode gpu              # Qwen2.5-0.5B shape, a few minutes on one H100/H200
+    python scripts/bench_train.py --mode cpu --task dpo   # only the DPO comparison (--task sft: only SFT)
+    python scripts/bench_train.py --mode smoke            # seconds: checks that the script runs
+
+Everything is offline: a byte-level BPE tokenizer with 996 made-up words of one token each, a random-init Qwen2
+model saved once (every variant starts from the same weights) and synthetic documents: word sequences from a
+fixed random bigram table (each word has 4 possible successors), so the loss can fall from ~ln(vocab) towards
+ln(4), with lengths uniform in [max_length / 32, max_length] tokens. Each variant runs in its own process (clean
+peak memory) on the same documents, one epoch, with the same learning rate and schedule (linear, no warmup:
+TRL's default schedule), batch 8:
+
+SFT  posttrain      posttrain's sft recipe with every throughput setting at its default (packing, auto
+                    checkpointing/accumulation, fused AdamW, Liger when installed); the step's token budget is
+                    batch 8's worth of tokens, so it takes about as many optimizer steps as TRL.
+     trl_defaults   SFTTrainer with SFTConfig's defaults (gradient checkpointing on, no packing, padding).
+     trl_no_ckpt    TRL tuned: gradient checkpointing off.
+     trl_packed     TRL tuned: checkpointing off + packing (bfd, padding-free), 4 rows per batch (~the same tokens).
+DPO  posttrain      posttrain's dpo recipe defaults: padding-free batches, reference log-probs precomputed once
+                    (cold cache: their cost is in the set-up time), auto checkpointing.
+     trl_defaults   DPOTrainer with DPOConfig's defaults and a second copy as the reference (as dpo_anchor.py).
+     trl_no_ckpt    the same with gradient checkpointing off.
+     posttrain_warm posttrain again, afterwards, with the reference cache the first run filled (a rerun or a
+                    beta sweep): its set-up has no reference pass.
+
+Measured: real (non-padding) tokens/s or pairs/s over the steps after the first `warmup` ones, set-up time (model
+loading, tokenizing, reference pass: from the start until train() begins), set-up plus all steps (DPO trains
+one epoch, 50 steps over the 400 pairs, so that this is the time to train on them), peak memory (CUDA peak allocated;
+on CPU the process's peak RSS), and the losses: SFT compares the exact per-token loss on held-out documents after
+the epoch (the same documents and tokens for every variant) and the mean training loss over the last quarter
+of the steps; DPO compares the losses step by step (same pairs in the same order). Prints a table and the
+ratios; writes bench_train.json to $OUT (or --out). CPU timings on a shared machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+MARK = "BENCH_RESULT "
+
+SIZES = {  # model shape, data and steps per mode
+    "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, mlp=768, vocab=0, max_length=512, docs=192,
+                eval_docs=16, lr=1e-3, warmup=3, pairs=400, pair_words=32, dpo_steps=50, dpo_lr=1e-4),
+    "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936, max_length=1024, docs=320,
+                eval_docs=32, lr=3e-4, warmup=5, pairs=400, pair_words=256, dpo_steps=50, dpo_lr=1e-6),
+    "smoke": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=0, max_length=128, docs=48,
+                  eval_docs=4, lr=1e-3, warmup=1, pairs=32, pair_words=16, dpo_steps=3, dpo_lr=1e-4),
+}
+BATCH = 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared artifacts: tokenizer, model, data (built once by the parent process).
+
+
+WORDS = [c + v + d for c in "bcdfghjklmnprstvz" for v in "aeiou" for d in "bcdfgklmnprstxz"][:996]
+
+
+def build_tokenizer():
+    """A byte-level BPE whose merges make each of the 996 made-up words one token (after a space; a document's
+    first word may take two). Built with `tokenizers`,
+    saved, then reloaded with AutoTokenizer by everyone (transformers may rebuild it as the model type's
+    tokenizer class, e.g. Qwen2Tokenizer): posttrain and TRL then tokenize with the very same object."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    corpus = [" ".join(rng.sample(WORDS, 64)) for _ in range(400)]
+    core.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def tokenizer(work: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(work / "model")
+
+
+def build(work: Path, size: dict, seed: int = 0) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    build_tokenizer().save_pretrained(work / "model")
+    tok = tokenizer(work)
+    sample = " ".join(WORDS[:50])
+    if len(tok(sample)["input_ids"]) > 52 or tok(sample + tok.eos_token)["input_ids"][-1] != tok.eos_token_id:
+        raise RuntimeError(f"the reloaded tokenizer ({type(tok).__name__}) does not give one token per word")
+    cfg = Qwen2Config(vocab_size=max(size["vocab"], len(tok)), hidden_size=size["hidden"],
+                      intermediate_size=size["mlp"],
+                      num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                      num_key_value_heads=size["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(work / "model")
+    rng = random.Random(seed)
+    successors = {w: rng.sample(range(len(WORDS)), 4) for w in range(len(WORDS))}
+
+    def words(n):
+        out = [rng.randrange(len(WORDS))]
+        while len(out) < n:
+            out.append(rng.choice(successors[out[-1]]))
+        return " ".join(WORDS[w] for w in out)
+
+    top = size["max_length"] - 1  # room for EOS
+    lengths = [rng.randint(top // 32, top) for _ in range(size["docs"] + size["eval_docs"])]
+    texts = [words(n) for n in lengths]
+    write_jsonl(work / "train.jsonl", [{"text": t} for t in texts[: size["docs"]]])
+    write_jsonl(work / "eval.jsonl", [{"text": t} for t in texts[size["docs"]:]])
+    half = size["pair_words"]
+    pairs = [{"prompt": words(rng.randint(half // 2, half)), "chosen": " " + words(rng.randint(half // 2, half)),
+              "rejected": " " + words(rng.randint(half // 2, half))} for _ in range(size["pairs"])]
+    write_jsonl(work / "pairs.jsonl", pairs)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def token_ids(work: Path, name: str) -> list[list[int]]:
+    """Documents tokenized as posttrain's text format does (EOS appended): both sides train on these ids."""
+    tok = tokenizer(work)
+    return [tok(row["text"] + tok.eos_token)["input_ids"] for row in read_jsonl(work / name)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring inside a variant's process.
+
+
+class Clock:
+    """Times the steps after `warmup` (forward, backward, optimizer: the time between the Trainer's step-begin
+    and step-end events; data loading excluded for every variant) and counts the real tokens they saw (the
+    Trainer's non-padding count). With a lock file (lockstep mode) the variants run at the same time but take
+    turns: a process computes only while it holds the lock, so background load on a shared CPU falls on every
+    variant alike instead of on whichever ran during a busy minute."""
+
+    def __init__(self, warmup: int, lock_path: str | None = None):
+        self.warmup, self.seconds, self.all_seconds, self.tokens0, self.tokens1, self.steps = warmup, 0.0, 0.0, 0, 0, 0
+        self.lock = open(lock_path, "a") if lock_path else None  # noqa: SIM115 (held for the process's life)
+        self.held, self.step_start = False, 0.0
+
+    def hold(self) -> None:
+        if self.lock and not self.held:
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+            self.held = True
+
+    def release(self) -> None:
+        if self.lock and self.held:
+            fcntl.flock(self.lock, fcntl.LOCK_UN)
+            self.held = False
+            time.sleep(0.002)  # let a waiting variant take its turn
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock.hold()
+                sync()
+                clock.step_start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                sync()
+                seconds = time.perf_counter() - clock.step_start
+                clock.all_seconds += seconds
+                if state.global_step == clock.warmup:
+                    clock.tokens0 = state.num_input_tokens_seen
+                elif state.global_step > clock.warmup:
+                    clock.seconds += seconds
+                clock.tokens1, clock.steps = state.num_input_tokens_seen, state.global_step
+                clock.release()
+
+        return _Callback()
+
+    def result(self, batch: int) -> dict:
+        measured = self.steps - self.warmup
+        return {"tokens_per_s": (self.tokens1 - self.tokens0) / self.seconds, "pairs_per_s": measured * batch /
+                self.seconds, "measured_steps": measured, "steps": self.steps, "measured_s": self.seconds,
+                "all_steps_s": self.all_seconds}
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def instrument(clock: Clock) -> dict:
+    """Every Trainer.train() in this process gets the clock and notes when it starts (the end of set-up)."""
+    from transformers import Trainer
+
+    marks, original = {}, Trainer.train
+
+    def train(self, *args, **kwargs):
+        self.add_callback(clock.callback())
+        marks["train_start"] = time.perf_counter()
+        return original(self, *args, **kwargs)
+
+    Trainer.train = train
+    return marks
+
+
+def peak_memory() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def held_out_loss(model, docs: list[list[int]]) -> float:
+    """Exact per-token mean loss over the held-out documents (one at a time, no padding)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in docs:
+            x = torch.tensor([ids], device=model.device)
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
+            count += len(ids) - 1
+    return total / count
+
+
+def late_loss(losses: list[float]) -> float:
+    """Mean training loss over the last quarter of the steps."""
+    tail = losses[-max(1, len(losses) // 4):]
+    return sum(tail) / len(tail)
+
+
+def device_flags() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"use_cpu": not cuda, "bf16": cuda}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The variants.
+
+
+def posttrain_run(work: Path, size: dict, task: str) -> tuple[dict, object]:
+    import posttrain
+
+    common = [f"model.name_or_path={work / 'model'}", "data.eval=[]", "data.eval_fraction=0", "overwrite=true",
+              f"output_dir={work / ('pt-' + task)}", f"train.batch_size={BATCH}", "train.lr_scheduler=linear",
+              "train.warmup_ratio=0", "train.logging_steps=1", "train.seed=42"]
+    if task == "sft":
+        extra = [f"data.train={work / 'train.jsonl'}", "data.format=text", f"train.learning_rate={size['lr']}",
+                 f"train.max_length={size['max_length']}", "train.num_epochs=1"]
+    else:
+        extra = [f"data.train={work / 'pairs.jsonl'}", "data.format=preference", "recipe=dpo",
+                 f"train.learning_rate={size['dpo_lr']}", f"train.max_length={3 * size['pair_words']}",
+                 f"train.max_steps={size['dpo_steps']}"]
+    config = work / "base.yaml"
+    config.write_text("recipe: sft\nmodel: {name_or_path: x}\ndata: {train: x}\noutput_dir: x\n")
+    metrics = posttrain.run(posttrain.load_config(config, common + extra))
+    losses = [loss for _, loss in metrics["train_loss_history"]]
+    return {"losses": losses, "speed": metrics.get("speed")}, work / ("pt-" + task)
+
+
+def trl_sft(work: Path, size: dict, variant: str) -> tuple[dict, object]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    docs = token_ids(work, "train.jsonl")
+    tuned = {"trl_defaults": {}, "trl_no_ckpt": {"gradient_checkpointing": False},
+             "trl_packed": {"gradient_checkpointing": False, "packing": True}}[variant]
+    batch = BATCH
+    if tuned.get("packing"):  # packed rows hold ~max_length tokens: as many rows as batch 8's tokens
+        mean = sum(len(d) for d in docs) / len(docs)
+        batch = max(1, round(BATCH * mean / size["max_length"]))
+    args = SFTConfig(output_dir=str(work / variant), per_device_train_batch_size=batch, learning_rate=size["lr"],
+                     max_length=size["max_length"], num_train_epochs=1, logging_steps=1, save_strategy="no",
+                     report_to=[], seed=42, include_num_input_tokens_seen="non_padding", **device_flags(), **tuned)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": docs}),
+                         processing_class=tokenizer(work))
+    trainer.train()
+    return {"losses": [log["loss"] for log in trainer.state.log_history if "loss" in log]}, trainer.model
+
+
+def trl_dpo(work: Path, size: dict, variant: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    tuned = {"trl_defaults": {}, "trl_no_ckpt": {"gradient_checkpointing": False}}[variant]
+    args = DPOConfig(output_dir=str(work / variant), max_steps=size["dpo_steps"], per_device_train_batch_size=BATCH,
+                     learning_rate=size["dpo_lr"], max_length=3 * size["pair_words"], logging_steps=1,
+                     save_strategy="no", report_to=[], seed=42, include_num_input_tokens_seen="non_padding",
+                     **device_flags(), **tuned)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype).eval()
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args,
+                         train_dataset=Dataset.from_list(read_jsonl(work / "pairs.jsonl")),
+                         processing_class=tokenizer(work))
+    trainer.train()
+    return {"losses": [log["loss"] for log in trainer.state.log_history if "loss" in log]}
+
+
+def child(work: Path, mode: str, task: str, variant: str) -> dict:
+    """One variant, in this process; returns its measurements."""
+    import torch
+
+    size = SIZES[mode]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    clock = Clock(size["warmup"], os.environ.get("BENCH_LOCK"))
+    marks = instrument(clock)
+    os.environ["POSTTRAIN_CACHE"] = str(work / "cache")  # cold reference cache: its pass counts as set-up
+    clock.hold()  # set-up takes a turn too (held until the first step ends)
+    start = time.perf_counter()
+    ours = variant.startswith("posttrain")
+    if task == "sft":
+        out, trained = posttrain_run(work, size, task) if ours else trl_sft(work, size, variant)
+    else:
+        out = posttrain_run(work, size, task)[0] if ours else trl_dpo(work, size, variant)
+    result = {"task": task, "variant": variant, "setup_s": marks["train_start"] - start, **clock.result(BATCH),
+              **peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
+    if task == "sft":
+        from transformers import AutoModelForCausalLM
+
+        clock.hold()
+        model = AutoModelForCausalLM.from_pretrained(trained) if isinstance(trained, Path) else trained
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+        result["held_out_loss"] = held_out_loss(model, token_ids(work, "eval.jsonl"))
+        result["late_train_loss"] = late_loss(out["losses"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent: build once, run every variant in its own process, compare.
+
+
+def run_variants(work: Path, mode: str, task: str, variants: list[str], lockstep: bool, threads: int) -> list[dict]:
+    """Each variant in its own process: one after the other, or all at once taking turns (see Clock)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if lockstep:
+        env["BENCH_LOCK"] = str(work / f"{task}.lock")
+
+    def start(variant):
+        command = [sys.executable, __file__, "--child", variant, "--task", task, "--mode", mode, "--work", str(work),
+                   "--threads", str(threads)]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    if lockstep:
+        running = [(v, start(v)) for v in variants]
+        outputs = [(v, *p.communicate(), p.returncode) for v, p in running]
+    else:
+        outputs = []
+        for v in variants:
+            p = start(v)
+            outputs.append((v, *p.communicate(), p.returncode))
+    return [parse(task, *output) for output in outputs]
+
+
+def parse(task: str, variant: str, stdout: str, stderr: str, returncode: int) -> dict:
+    lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
+    if returncode or not lines:
+        print(stdout[-3000:], stderr[-3000:], file=sys.stderr)
+        return {"task": task, "variant": variant, "error": stderr.strip().splitlines()[-1:]}
+    result = json.loads(lines[-1][len(MARK):])
+    print(f"  {task} {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)),
+          flush=True)
+    return result
+
+
+def compare(results: list[dict], task: str) -> dict:
+    rows = {r["variant"]: r for r in results if r["task"] == task and "error" not in r}
+    ours, base = rows.get("posttrain"), rows.get("trl_defaults")
+    if not (ours and base):
+        return {}
+    rate = "tokens_per_s" if task == "sft" else "pairs_per_s"
+    tuned = [r for name, r in rows.items() if name.startswith("trl_") and name != "trl_defaults"]
+    out = {f"{rate}_vs_trl_defaults": ours[rate] / base[rate],
+           "setup_vs_trl_defaults": ours["setup_s"] / base["setup_s"]}
+    if tuned:
+        best = max(tuned, key=lambda r: r[rate])
+        out[f"{rate}_vs_best_trl_tuned ({best['variant']})"] = ours[rate] / best[rate]
+    total = lambda r: r["setup_s"] + r["all_steps_s"]  # noqa: E731
+    out["setup_plus_all_steps_vs_trl_defaults"] = total(base) / total(ours)  # > 1: posttrain done sooner
+    if "posttrain_warm" in rows:
+        out["setup_warm_cache_vs_trl_defaults"] = rows["posttrain_warm"]["setup_s"] / base["setup_s"]
+    if task == "sft":
+        out["held_out_loss_vs_trl_defaults"] = ours["held_out_loss"] / base["held_out_loss"]
+        out["late_train_loss_vs_trl_defaults"] = ours["late_train_loss"] / base["late_train_loss"]
+    else:
+        steps = min(len(ours["losses"]), len(base["losses"]))
+        out["max_abs_loss_diff_per_step"] = max(abs(a - b) for a, b in zip(ours["losses"][:steps], base["losses"]))
+    return out
+
+
+def print_table(results: list[dict]) -> None:
+    columns = ["task", "variant", "tokens_per_s", "pairs_per_s", "setup_s", "peak_gib", "peak_rss_gib", "steps",
+               "held_out_loss", "late_train_loss"]
+    print("\n| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns))
+    for r in results:
+        cells = [r.get(c) for c in columns]
+        print("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c if c is not None else "") for c in cells)
+              + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--task", choices=["sft", "dpo", "all"], default="all")
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_train.json (default: $OUT)")
+    parser.add_argument("--lockstep", choices=["auto", "on", "off"], default="auto",
+                        help="run the variants at once, taking turns step by step (auto: on for CPU modes; on a GPU "
+                             "they run one after the other, so that posttrain sees the whole GPU's memory)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per variant (default: 1 on CPU, where a busy machine makes two threads "
+                             "wait for each other at every operation; the GPU mode leaves torch's default)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    threads = args.threads if args.threads is not None else (0 if args.mode == "gpu" else 1)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    if args.child:
+        print(MARK + json.dumps(child(Path(args.work), args.mode, args.task, args.child)), flush=True)
+        return 0
+    import torch
+
+    if args.mode == "gpu" and not torch.cuda.is_available():
+        parser.error("--mode gpu needs a CUDA GPU")
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    build(work, SIZES[args.mode])
+    plan = {"sft": ["posttrain", "trl_defaults", "trl_no_ckpt", "trl_packed"],
+            "dpo": ["posttrain", "trl_defaults", "trl_no_ckpt"]}
+    tasks = ["sft", "dpo"] if args.task == "all" else [args.task]
+    print(f"bench_train: mode {args.mode}, work dir {work}", flush=True)
+    lockstep = args.mode != "gpu" if args.lockstep == "auto" else args.lockstep == "on"
+    results = [r for task in tasks for r in run_variants(work, args.mode, task, plan[task], lockstep, threads)]
+    if "dpo" in tasks:  # after the first run filled the reference cache
+        results += run_variants(work, args.mode, "dpo", ["posttrain_warm"], False, threads)
+    print_table(results)
+    ratios = {task: compare(results, task) for task in tasks}
+    print("\nratios (posttrain / TRL):\n" + json.dumps(ratios, indent=2))
+    report = {"mode": args.mode, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "sizes": SIZES[args.mode], "results": results, "ratios": ratios}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_train.json").write_text(json.dumps(report, indent=1))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
