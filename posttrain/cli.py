@@ -15,7 +15,13 @@ from posttrain.errors import PosttrainError
 def _run(args) -> None:
     from posttrain.recipes_registry import run
 
-    metrics = run(args.config, args.overrides)
+    if args.nproc < 1 or args.num_machines < 1:
+        raise PosttrainError("--nproc and --num-machines must be >= 1")
+    if args.nproc > 1 or args.num_machines > 1:
+        from posttrain.launch import relaunch
+
+        relaunch(args)  # does not return: this process becomes `accelerate launch ... -m posttrain run ...`
+    metrics = run(args.config, args.overrides, resume=args.resume)
     first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
     if first is not None and last is not None:
         print(f"posttrain: done: train loss {first:.4f} -> {last:.4f}, {metrics['steps']} steps")
@@ -61,10 +67,11 @@ def _quantize(args) -> None:
     from posttrain.quantize import quantize
 
     report = quantize(args.model, args.out, args.method, args.format, args.skip, args.dtype, args.overwrite,
-                      args.allow_pickle)
+                      args.allow_pickle, args.gguf_dense)
     bpw = report["bits_per_weight"]
     detail = f", {bpw['quantized_layers_bpw']:.3f} bits/weight in ternary layers" if bpw else ""
-    print(f"posttrain: {report['ternary_layers']} layers ternarized{detail}; written to {args.out}")
+    where = f"{args.out}/{report['file']}" if report.get("file") else args.out
+    print(f"posttrain: {report['ternary_layers']} layers ternarized{detail}; written to {where}")
 
 
 def _eval(args) -> None:
@@ -96,6 +103,20 @@ def _demo(args) -> None:
           f"results.json and plots (*.png) in {report.parent}; every stage's model in {out}")
 
 
+def _add_launch_arguments(sub) -> None:
+    sub.add_argument("--resume", action="store_true",
+                     help="continue an unfinished run in output_dir from its latest complete checkpoint")
+    group = sub.add_argument_group("multi-GPU / multi-node (re-executes under `accelerate launch`)")
+    group.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per machine (default 1)")
+    group.add_argument("--accelerate-config", metavar="NAME|PATH",
+                       help="single, ddp, fsdp, zero2, zero3 (bundled, configs/accelerate/) or an accelerate "
+                            "config file; default: DDP")
+    group.add_argument("--num-machines", type=int, default=1, help="machines (multi-node)")
+    group.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (multi-node)")
+    group.add_argument("--main-process-ip", help="rank-0 machine's address (multi-node)")
+    group.add_argument("--main-process-port", type=int, help="rank-0 machine's port (multi-node)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__import__("posttrain").__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__import__("posttrain").__version__)
@@ -111,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verb(name, func, help_text)
         sub.add_argument("config", help="YAML config file (or a bundled config name such as tiny/sft)")
         sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted overrides")
+    _add_launch_arguments(verbs.choices["run"])
     verb("ls", _ls, "list recipes and bundled configs")
     sub = verb("init-tiny", _init_tiny, "write an offline tiny model + tokenizer with a chat template")
     sub.add_argument("out_dir")
@@ -126,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("model", help="model folder, LoRA adapter folder, or hub name")
     sub.add_argument("--method", default="ternary", help="quantization method (ternary)")
     sub.add_argument("--out", required=True, help="output folder")
-    sub.add_argument("--format", default="hf", help="hf (transformers BitNet, packed 2-bit) or fake-quant (dense)")
+    sub.add_argument("--format", default="hf", help="hf (transformers BitNet, packed 2-bit), fake-quant (dense), or "
+                     "gguf-tq1 / gguf-tq2 (llama.cpp GGUF, TQ1_0 1.69 / TQ2_0 2.06 bits/weight)")
+    sub.add_argument("--gguf-dense", choices=["f16", "q8_0", "f32"], default="f16",
+                     help="GGUF type of the embeddings, output head and other dense matrices (default f16)")
     sub.add_argument("--skip", nargs="*", default=[], help="module-name patterns to keep dense")
     sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     sub.add_argument("--overwrite", action="store_true")
@@ -156,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except PosttrainError as err:
-        print(f"posttrain: error: {err}", file=sys.stderr)
-        return 2
+        print(f"posttrain: error: {' '.join(str(err).splitlines())}", file=sys.stderr)  # always one line
+        return getattr(err, "exit_code", 2)
     except KeyboardInterrupt:
         print("posttrain: interrupted", file=sys.stderr)
         return 130

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from posttrain.config import Config, dump_yaml
 from posttrain.errors import PosttrainError
+from posttrain.ranks import process_state as _process  # only the main process writes files
 
 CONFIG_FILE, METRICS_FILE, CARD_FILE = "posttrain.yaml", "metrics.json", "README.md"
 
@@ -30,20 +31,17 @@ def is_complete(run_dir: str | Path) -> bool:
     return (Path(run_dir) / METRICS_FILE).is_file()
 
 
-def _process():
-    """accelerate's view of this process: under torchrun / accelerate launch only the main one writes files."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())  # without cpu=True no CPU process group is set up
-
-
-def prepare_run_dir(cfg: Config) -> Path:
+def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
+    """The run folder, ready for this run. With resume, an unfinished run of the same model, data and
+    objective is continued in place (its checkpoints kept); without one, resume starts a fresh run."""
     out = Path(cfg.output_dir).expanduser()
     process = _process()
+    resuming = resume and _check_resumable(cfg, out)
     _check_run_dir(cfg, out)  # every process checks (read-only), so all fail alike instead of hanging
     process.wait_for_everyone()
-    if process.is_main_process:
+    if process.is_main_process and resuming:
+        write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
+    elif process.is_main_process:
         if out.is_dir() and _replaced(out).exists():
             shutil.rmtree(out)  # an unfinished overwrite; the run it replaces is still kept aside
         elif out.is_dir():  # our own unfinished run, or a finished one with overwrite: kept until this one finishes
@@ -52,6 +50,31 @@ def prepare_run_dir(cfg: Config) -> Path:
         write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
     process.wait_for_everyone()
     return out
+
+
+# What a resumed run must share with the run it continues; train.* may change (e.g. a larger max_steps).
+SAME_RUN_SECTIONS = ("recipe", "model", "data", "adapter", "dpo", "ternary")
+
+
+def _check_resumable(cfg: Config, out: Path) -> bool:
+    """True when out holds an unfinished run that this config may continue."""
+    import yaml
+
+    if is_complete(out):
+        raise PosttrainError(f"--resume: {out} already holds a finished run (metrics.json); nothing to resume")
+    if not (out / CONFIG_FILE).is_file():
+        return False
+    saved = yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    current = yaml.safe_load(dump_yaml(cfg))
+    differ = [k for k in SAME_RUN_SECTIONS if saved.get(k) != current.get(k)]
+    if differ:
+        raise PosttrainError(f"--resume: the run in {out} was started with different {', '.join(differ)} "
+                             f"settings (see {out / CONFIG_FILE}); resume with the same config or choose another "
+                             "output_dir")
+    changed = sorted(k for k in current.get("train", {}) if saved.get("train", {}).get(k) != current["train"][k])
+    if changed:
+        print(f"posttrain: --resume with changed train settings: {', '.join(changed)}")
+    return True
 
 
 def _replaced(out: Path) -> Path:
@@ -103,27 +126,33 @@ def atomic_dir(target: str | Path):
 
 
 def finish_run(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
-    """Stage artifacts (save_artifacts(folder) writes model/tokenizer), move them in, then metrics.json.
-    Only the main process writes; the others wait for it."""
+    """Stage artifacts, move them in, then metrics.json. save_artifacts(folder) runs on EVERY process (FSDP and
+    ZeRO-3 gather the full weights collectively) and must write on the main process only, as
+    Trainer.save_model does; everything else here is the main process's."""
     process = _process()
-    process.wait_for_everyone()
+    staging = run_dir / ".final"
     if process.is_main_process:
-        _finish(run_dir, save_artifacts, metrics, card)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run that crashed while saving
+        staging.mkdir()
     process.wait_for_everyone()
-
-
-def _finish(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
-    staging = Path(tempfile.mkdtemp(prefix=".final.", dir=run_dir))
     try:
         save_artifacts(staging)
-        (staging / CARD_FILE).write_text(card, encoding="utf-8")
-        for item in staging.iterdir():
-            destination = run_dir / item.name
-            if destination.is_dir():
-                shutil.rmtree(destination)
-            os.replace(item, destination)
+        process.wait_for_everyone()
+        if process.is_main_process:
+            _finish(run_dir, staging, metrics, card)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if process.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+    process.wait_for_everyone()
+
+
+def _finish(run_dir: Path, staging: Path, metrics: dict, card: str) -> None:
+    (staging / CARD_FILE).write_text(card, encoding="utf-8")
+    for item in staging.iterdir():
+        destination = run_dir / item.name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        os.replace(item, destination)
     write_json_atomic(run_dir / METRICS_FILE, metrics)
     shutil.rmtree(_replaced(run_dir), ignore_errors=True)  # the run this one overwrote, now superseded
 

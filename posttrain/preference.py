@@ -16,10 +16,12 @@ from posttrain.errors import PosttrainError
 
 
 def _as_messages(value, origin: str, column: str) -> list[dict] | None:
+    from posttrain.data import _kind, parse_messages
+
     if isinstance(value, str):
         return None
-    from posttrain.data import parse_messages
-
+    if not isinstance(value, list):
+        raise PosttrainError(f"{origin}: column {column!r} must be a string or a list of messages, got {_kind(value)}")
     return parse_messages(value, origin, column)
 
 
@@ -31,6 +33,9 @@ def _shared_prefix(a: list[dict], b: list[dict]) -> int:
 
 
 def normalize_preference(row: dict, origin: str) -> dict:
+    missing = [c for c in ("chosen", "rejected") if c not in row]
+    if missing:
+        raise PosttrainError(f"{origin}: missing column(s) {missing} for preference data; found {sorted(row)[:50]}")
     chosen = _as_messages(row["chosen"], origin, "chosen")
     rejected = _as_messages(row["rejected"], origin, "rejected")
     if (chosen is None) != (rejected is None):
@@ -117,3 +122,14 @@ def tokenize_pairs(tokenizer, rows, max_length: int) -> tuple[list[dict], dict]:
         raise PosttrainError(f"no preference pairs left: all {len(rows.rows)} prompts fill train.max_length "
                              f"({max_length}); raise it")
     return examples, counts
+
+
+def preference_examples(cfg, tokenizer) -> tuple[list[dict], list[dict] | None, dict]:
+    """A run config's train/eval preference pairs, tokenized as the DPO recipe trains on them, plus the data
+    counts that go into metrics.json (the preference twin of masks.sft_examples)."""
+    from posttrain.data import load_splits
+
+    train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
+    train_pairs, counts = tokenize_pairs(tokenizer, train_rows, cfg.train.max_length)
+    eval_pairs = tokenize_pairs(tokenizer, eval_rows, cfg.train.max_length)[0] if eval_rows else None
+    return train_pairs, eval_pairs, counts

@@ -34,8 +34,9 @@ def load_recipe(name: str):
     return module
 
 
-def run(cfg: Config | str | Path, overrides: list[str] | None = None) -> dict:
-    """Run the recipe a config names; returns the run's metrics (also in output_dir/metrics.json)."""
+def run(cfg: Config | str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Run the recipe a config names; returns the run's metrics (also in output_dir/metrics.json).
+    resume: continue an unfinished run from its latest complete checkpoint."""
     if not isinstance(cfg, Config):
         path = resolve_config_path(cfg)
         if read_yaml(path)[0].get("recipe") == "pipeline":
@@ -43,7 +44,7 @@ def run(cfg: Config | str | Path, overrides: list[str] | None = None) -> dict:
 
             return {"pipeline": str(run_pipeline(path, overrides))}
         cfg = load_config(path, overrides)
-    return load_recipe(cfg.recipe).main(cfg)
+    return load_recipe(cfg.recipe).main(cfg, resume=resume)
 
 
 def configs_dir() -> Path | None:

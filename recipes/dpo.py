@@ -7,6 +7,8 @@ first). The reference model is the starting model unless dpo.ref_model names ano
   rerun) loads them and runs no reference forward pass. No reference copy stays in memory.
 - otherwise a LoRA/QLoRA policy uses its base with the adapter disabled (no second copy) and full
   fine-tuning keeps a frozen copy (TRL's behaviour).
+Batches are padding-free by default (train.packing): each batch's chosen and rejected sequences are packed into
+rows whose sequences never attend to each other, and TRL's loss runs unchanged on the result (dpo_trainer.py).
 Metrics use TRL's definitions (rewards/chosen = beta * sum over completion tokens of log pi - log pi_ref).
 """
 
@@ -16,8 +18,8 @@ import dataclasses
 
 from trl import DPOConfig
 
+from posttrain.checkpoints import guarded, train
 from posttrain.config import Config
-from posttrain.data import load_splits
 from posttrain.dpo_trainer import (
     CachedReferenceDPOTrainer,
     reference_fingerprint,
@@ -26,26 +28,28 @@ from posttrain.dpo_trainer import (
 )
 from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path, torch_dtype
 from posttrain.outputs import finish_run, prepare_run_dir
-from posttrain.preference import tokenize_pairs
+from posttrain.packing import PaddingFreePreferenceCollator, flat_rows_needed, prepare_model
+from posttrain.preference import preference_examples
+from posttrain.ranks import on_main_then_shared
+from posttrain.speed import fastest_attention, plan_dpo
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, resume: bool = False) -> dict:
     # 1. Tokenizer and the pairs tokenized as TRL does (truncation counted, see preference.py), then the folder.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
-    train_rows, eval_rows = load_splits(cfg.data, cfg.train.seed)
-    train_pairs, data_counts = tokenize_pairs(tokenizer, train_rows, cfg.train.max_length)
-    eval_pairs = tokenize_pairs(tokenizer, eval_rows, cfg.train.max_length)[0] if eval_rows else None
-    run_dir = prepare_run_dir(cfg)  # after the data: a bad row never costs the folder's previous run
+    train_pairs, eval_pairs, data_counts = on_main_then_shared(preference_examples, cfg, tokenizer)  # once
+    run_dir = prepare_run_dir(cfg, resume)  # after the data: a bad row never costs the folder's previous run
 
     # 2. Reference log-probs from the on-disk cache when this reference has already scored these pairs.
+    model_cfg = fastest_attention(cfg.model)  # flash-attn when installed, else sdpa (see posttrain.speed)
     ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
     ref_resolved = resolve_path(ref_name, cfg.model.allow_pickle)
     reference = reference_fingerprint(ref_name, ref_resolved, cfg.model.revision)
     # a 4-bit (QLoRA) base scores differently from the same weights in full precision
     quantized = cfg.adapter.quant_type if cfg.adapter and cfg.adapter.method == "qlora" else "full"
-    dtype = f"{torch_dtype(cfg.model.dtype)}|{cfg.model.attn_implementation}|{quantized}"
+    dtype = f"{torch_dtype(cfg.model.dtype)}|{model_cfg.attn_implementation}|{quantized}"
     train_set, train_key, train_hit = with_cached_reference(train_pairs, reference, dtype)
     eval_set, eval_key, eval_hit = (with_cached_reference(eval_pairs, reference, dtype) if eval_pairs
                                     else (None, None, True))
@@ -54,17 +58,26 @@ def main(cfg: Config) -> dict:
           f"{'from cache' if all_cached else 'computed this run' if cfg.dpo.precompute_ref else 'computed each step'}")
 
     # 3. Policy, and a reference model only when one must run and differs from the starting model.
-    model = load_model(cfg.model, resolved, tokenizer, cfg.adapter)
+    model = load_model(model_cfg, resolved, tokenizer, cfg.adapter)
     needs_ref_model = cfg.dpo.ref_model is not None and not all_cached
-    ref_cfg = dataclasses.replace(cfg.model, name_or_path=ref_name)
+    ref_cfg = dataclasses.replace(model_cfg, name_or_path=ref_name)
     ref_model = load_model(ref_cfg, ref_resolved, tokenizer) if needs_ref_model else None
+    for loaded in (model, ref_model):
+        if loaded is not None:
+            prepare_model(loaded)  # no KV cache in training: packed sequences stay isolated
 
-    # 4. Train. TRL computes whatever the cache lacked during construction; store it for the next run.
+    # 4. Speed: micro-batch, accumulation, checkpointing, optimizer and kernels for this machine, each printed.
+    plan = plan_dpo(cfg, model, train_pairs, reference_in_memory=not cfg.dpo.precompute_ref)
+    plan.report()
+
+    # 5. Train. TRL computes whatever the cache lacked during construction; store it for the next run.
     history = LossHistory()
-    trainer = CachedReferenceDPOTrainer(
+    trainer = guarded(CachedReferenceDPOTrainer)(
         model=model,
         ref_model=ref_model,
-        args=trainer_args(cfg, DPOConfig, run_dir, eval_set is not None, beta=cfg.dpo.beta,
+        data_collator=PaddingFreePreferenceCollator(tokenizer.pad_token_id, cfg.train.max_length,
+                                                    flat_rows_needed(model)) if cfg.train.packing else None,
+        args=trainer_args(cfg, DPOConfig, run_dir, eval_set is not None, plan, beta=cfg.dpo.beta,
                           loss_type=cfg.dpo.loss_type, loss_weights=cfg.dpo.loss_weights,
                           label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref),
         train_dataset=train_set,
@@ -80,18 +93,18 @@ def main(cfg: Config) -> dict:
         trainer.ref_model = ref_model = None  # precomputed: the reference is never run again
     # The starting point's held-out rewards/accuracies/margins, then train, then the same after.
     start_eval = trainer.evaluate() if eval_set is not None else {}
-    train_output = trainer.train()
+    train_output = train(trainer, resume)  # atomic checkpoints, --resume, NaN/SIGTERM guards
     final_eval = trainer.evaluate() if eval_set is not None else {}
 
-    # 5. Outputs, metrics.json last.
+    # 6. Outputs, metrics.json last.
     extra = {"eval_start": start_eval, "eval": final_eval, "reference_cache_hit": bool(all_cached),
+             "speed": {**plan.as_dict(), "packing": cfg.train.packing},
              "reference_forwards": trainer.reference_forwards,
              "last_train_log": next((log for log in reversed(history.logs) if "loss" in log), {})}
     metrics = run_metrics(trainer, train_output, history, data_counts, extra)
 
-    def save(folder):
-        trainer.model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    def save(folder):  # on every process: FSDP/ZeRO-3 gather the weights; the main process writes
+        trainer.save_model(str(folder))  # model or adapter, and the tokenizer with its chat template
 
     method = f", {cfg.adapter.method}" if cfg.adapter else ""
     title = f"DPO ({'+'.join(cfg.dpo.loss_type)}, beta={cfg.dpo.beta}{method})"

@@ -10,49 +10,64 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from posttrain.checkpoints import guarded, train
 from posttrain.config import Config
 from posttrain.masks import sft_examples
 from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
+from posttrain.packing import PaddingFreeCollator, flat_rows_needed, pack_examples, prepare_model
+from posttrain.ranks import on_main_then_shared
+from posttrain.speed import fastest_attention, plan_sft
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, resume: bool = False) -> dict:
     # 1. Data: read, normalize and tokenize with posttrain's loss masks (assistant turns + end-of-turn token
     #    for chat rows, the completion for prompt/completion rows, everything for text). TRL then takes the
     #    ready `labels` as they are, so the mask is ours for any chat template.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
-    train_set, eval_set, data_counts = sft_examples(cfg, tokenizer)
+    train_set, eval_set, data_counts = on_main_then_shared(sft_examples, cfg, tokenizer)  # once, not per rank
     print(f"posttrain: {len(train_set.examples)} training rows ({data_counts})")
 
     # 2. The output folder, only once the data is good: refuse to clobber a finished run (unless overwrite,
     #    and even then the old run is kept aside until this one finishes); the resolved config goes in first.
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, resume)
 
     # 3. Model: full precision or 4-bit (QLoRA); TRL wraps it with the LoRA adapter when one is configured.
-    model = load_model(cfg.model, resolved, tokenizer, cfg.adapter)
+    #    Attention: flash-attn when installed, else sdpa; training never uses the KV cache (see packing.py).
+    model = load_model(fastest_attention(cfg.model), resolved, tokenizer, cfg.adapter)
+    prepare_model(model)
 
-    # 4. Train.
+    # 4. Speed: the documents packed into rows of max_length that never attend to each other (no padding), then
+    #    micro-batch, accumulation, checkpointing, optimizer and kernels chosen for this machine, each printed.
+    packed = pack_examples(train_set.examples, cfg.train.max_length, cfg.train.seed) if cfg.train.packing else None
+    plan = plan_sft(cfg, model, train_set.examples, packed)
+    plan.report()
+
+    # 5. Train (evaluation stays unpacked, so eval_loss means what it means without packing).
     history = LossHistory()
-    trainer = SFTTrainer(
+    trainer = guarded(SFTTrainer)(
         model=model,
-        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, packing=cfg.train.packing),
-        train_dataset=Dataset.from_list(train_set.examples),
+        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, plan,
+                          dataset_kwargs={"skip_prepare_dataset": True}),  # tokenized, masked, truncated: ours
+        data_collator=PaddingFreeCollator(tokenizer.pad_token_id, flat_rows_needed(model)) if packed else None,
+        train_dataset=Dataset.from_list(packed.rows if packed else train_set.examples),
         eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.adapter, model),
         callbacks=[history],
     )
-    train_output = trainer.train()
+    train_output = train(trainer, resume)  # atomic checkpoints, --resume, NaN/SIGTERM guards
     final_eval = trainer.evaluate() if eval_set else {}
 
-    # 5. Outputs: model or adapter + tokenizer (with its chat template) + card, then metrics.json last.
-    metrics = run_metrics(trainer, train_output, history, data_counts, {"eval_loss": final_eval.get("eval_loss")})
+    # 6. Outputs: model or adapter + tokenizer (with its chat template) + card, then metrics.json last.
+    speed = {**plan.as_dict(), **(packed.stats if packed else {})}
+    metrics = run_metrics(trainer, train_output, history, data_counts,
+                          {"eval_loss": final_eval.get("eval_loss"), "speed": speed})
 
-    def save(folder):
-        trainer.model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+    def save(folder):  # on every process: FSDP/ZeRO-3 gather the weights; the main process writes
+        trainer.save_model(str(folder))  # model or adapter, and the tokenizer with its chat template
 
     title = f"Supervised fine-tuning ({cfg.adapter.method if cfg.adapter else 'full'})"
     finish_run(run_dir, save, metrics, model_card(cfg, metrics, cfg.adapter is not None, title))

@@ -16,48 +16,64 @@ from __future__ import annotations
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from posttrain.checkpoints import guarded, train
 from posttrain.config import Config
 from posttrain.masks import sft_examples
 from posttrain.models import load_model, load_tokenizer, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
+from posttrain.packing import PaddingFreeCollator, flat_rows_needed, pack_examples, prepare_model
+from posttrain.ranks import on_main_then_shared
+from posttrain.speed import fastest_attention, plan_sft
 from posttrain.ternary import bits_per_weight, convert, export_bitnet, export_fake_quant
 from posttrain.ternary.callback import TernaryLambdaCallback
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, resume: bool = False) -> dict:
     # 1. Data with posttrain's loss masks (as in the sft recipe), then the output folder.
     resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, resolved)
-    train_set, eval_set, data_counts = sft_examples(cfg, tokenizer)
-    run_dir = prepare_run_dir(cfg)  # after the data: a bad row never costs the folder's previous run
+    train_set, eval_set, data_counts = on_main_then_shared(sft_examples, cfg, tokenizer)  # once, not per rank
+    run_dir = prepare_run_dir(cfg, resume)  # after the data: a bad row never costs the folder's previous run
 
     # 2. The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
-    model = load_model(cfg.model, resolved, tokenizer)
+    model = load_model(fastest_attention(cfg.model), resolved, tokenizer)
+    prepare_model(model)  # no KV cache in training: packed documents stay isolated
     settings = cfg.ternary
     converted = convert(model, skip=settings.skip, granularity=settings.granularity, group_size=settings.group_size,
                         use_rms_norm=settings.use_rms_norm, quant_lambda=0.0)
     warmup = 0 if settings.lambda_schedule == "none" else settings.lambda_warmup_steps
     print(f"posttrain: {converted} linear layers -> BitLinear; lambda {settings.lambda_schedule} over {warmup} steps")
 
-    # 3. Train; the callback sets lambda before every step (and after a resume, from the global step).
+    # 3. Speed, as in the sft recipe: packed rows (activations are quantized per token, so packed documents
+    #    stay independent), micro-batch, accumulation, checkpointing, optimizer, kernels; each printed.
+    packed = pack_examples(train_set.examples, cfg.train.max_length, cfg.train.seed) if cfg.train.packing else None
+    plan = plan_sft(cfg, model, train_set.examples, packed)
+    plan.report()
+
+    # 4. Train; the callback sets lambda before every step (and after a resume, from the global step).
     history = LossHistory()
-    trainer = SFTTrainer(
+    trainer = guarded(SFTTrainer)(
         model=model,
-        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, packing=cfg.train.packing),
-        train_dataset=Dataset.from_list(train_set.examples),
+        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, plan,
+                          dataset_kwargs={"skip_prepare_dataset": True}),  # tokenized, masked, truncated: ours
+        data_collator=PaddingFreeCollator(tokenizer.pad_token_id, flat_rows_needed(model)) if packed else None,
+        train_dataset=Dataset.from_list(packed.rows if packed else train_set.examples),
         eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
         processing_class=tokenizer,
         callbacks=[history, TernaryLambdaCallback(warmup, settings.lambda_schedule)],
     )
-    train_output = trainer.train()
+    train_output = train(trainer, resume)  # atomic checkpoints, --resume, NaN/SIGTERM guards
     final_eval = trainer.evaluate() if eval_set else {}
 
-    # 4. Export: transformers' BitNet format in output_dir (+ fake-quant copy), bits per weight, metrics last.
+    # 5. Export: transformers' BitNet format in output_dir (+ fake-quant copy), bits per weight, metrics last.
+    speed = {**plan.as_dict(), **(packed.stats if packed else {})}
     metrics = run_metrics(trainer, train_output, history, data_counts, {"eval_loss": final_eval.get("eval_loss"),
-                                                                        "ternary_layers": converted})
+                                                                        "ternary_layers": converted, "speed": speed})
 
-    def save(folder):
+    def save(folder):  # called on every process; under DDP each holds the full model, the main one writes
+        if not trainer.args.should_save:
+            return
         export_bitnet(trainer.model, tokenizer, folder, overwrite=True)
         metrics["bits_per_weight"] = bits_per_weight(folder)  # measured on the files, before metrics.json
         if settings.fake_quant_export:
