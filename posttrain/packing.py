@@ -92,8 +92,8 @@ def pack_examples(examples: list[dict], max_length: int, seed: int = 0) -> Packe
     lengths = [len(e["input_ids"]) for e in examples]
     rows = [packed_row([examples[i] for i in sorted(b)]) for b in best_fit_decreasing(lengths, max_length, seed)]
     packed = Packed(rows, len(examples), sum(lengths), max_length)
-    packed.stats = {"documents": len(examples), "rows": len(rows), "row_fill": round(packed.mean_row_tokens /
-                                                                                     max_length, 4)}
+    fill = round(packed.mean_row_tokens / max_length, 4)
+    packed.stats = {"documents": len(examples), "rows": len(rows), "row_fill": fill}
     return packed
 
 
