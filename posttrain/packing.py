@@ -209,3 +209,33 @@ class PaddingFreePreferenceCollator:
                      packed_position_ids=torch.tensor(positions, dtype=torch.long),
                      packed_labels=_pad([row["labels"] for row in rows], IGNORE, row_length), packed_index=index)
         return batch
+
+
+@dataclass
+class SFTInputs:
+    """What an SFT-style recipe (sft, ternary) hands SFTTrainer, and the speed report for metrics.json."""
+
+    plan: object  # posttrain.speed.SpeedPlan
+    train_dataset: object
+    eval_dataset: object | None
+    data_collator: PaddingFreeCollator | None
+    speed: dict
+
+
+def sft_inputs(cfg, model, tokenizer, train_set, eval_set) -> SFTInputs:
+    """The documents packed into rows of max_length (unless train.packing is off), the speed plan for them
+    (printed), and evaluation left unpacked so eval_loss means what it means without packing."""
+    from datasets import Dataset
+
+    from posttrain.speed import plan_sft
+
+    packed = pack_examples(train_set.examples, cfg.train.max_length, cfg.train.seed) if cfg.train.packing else None
+    plan = plan_sft(cfg, model, train_set.examples, packed)
+    plan.report()
+    return SFTInputs(
+        plan=plan,
+        train_dataset=Dataset.from_list(packed.rows if packed else train_set.examples),
+        eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
+        data_collator=PaddingFreeCollator(tokenizer.pad_token_id, flat_rows_needed(model)) if packed else None,
+        speed={**plan.as_dict(), **(packed.stats if packed else {})},
+    )

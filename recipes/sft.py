@@ -7,7 +7,6 @@ metrics.json last (the marker that the run finished).
 
 from __future__ import annotations
 
-from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from posttrain.checkpoints import guarded, train
@@ -15,9 +14,9 @@ from posttrain.config import Config
 from posttrain.masks import sft_examples
 from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
-from posttrain.packing import PaddingFreeCollator, flat_rows_needed, pack_examples, prepare_model
+from posttrain.packing import prepare_model, sft_inputs
 from posttrain.ranks import on_main_then_shared
-from posttrain.speed import fastest_attention, plan_sft
+from posttrain.speed import fastest_attention
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
 
 
@@ -41,19 +40,17 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     # 4. Speed: the documents packed into rows of max_length that never attend to each other (no padding), then
     #    micro-batch, accumulation, checkpointing, optimizer and kernels chosen for this machine, each printed.
-    packed = pack_examples(train_set.examples, cfg.train.max_length, cfg.train.seed) if cfg.train.packing else None
-    plan = plan_sft(cfg, model, train_set.examples, packed)
-    plan.report()
+    inputs = sft_inputs(cfg, model, tokenizer, train_set, eval_set)
 
     # 5. Train (evaluation stays unpacked, so eval_loss means what it means without packing).
     history = LossHistory()
     trainer = guarded(SFTTrainer)(
         model=model,
-        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, plan,
+        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, inputs.plan,
                           dataset_kwargs={"skip_prepare_dataset": True}),  # tokenized, masked, truncated: ours
-        data_collator=PaddingFreeCollator(tokenizer.pad_token_id, flat_rows_needed(model)) if packed else None,
-        train_dataset=Dataset.from_list(packed.rows if packed else train_set.examples),
-        eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
+        data_collator=inputs.data_collator,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.adapter, model),
         callbacks=[history],
@@ -62,9 +59,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     final_eval = trainer.evaluate() if eval_set else {}
 
     # 6. Outputs: model or adapter + tokenizer (with its chat template) + card, then metrics.json last.
-    speed = {**plan.as_dict(), **(packed.stats if packed else {})}
     metrics = run_metrics(trainer, train_output, history, data_counts,
-                          {"eval_loss": final_eval.get("eval_loss"), "speed": speed})
+                          {"eval_loss": final_eval.get("eval_loss"), "speed": inputs.speed})
 
     def save(folder):  # on every process: FSDP/ZeRO-3 gather the weights; the main process writes
         trainer.save_model(str(folder))  # model or adapter, and the tokenizer with its chat template

@@ -13,7 +13,6 @@ per weight of the quantized layers and of the whole file.
 
 from __future__ import annotations
 
-from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
 from posttrain.checkpoints import guarded, train
@@ -21,9 +20,9 @@ from posttrain.config import Config
 from posttrain.masks import sft_examples
 from posttrain.models import load_model, load_tokenizer, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
-from posttrain.packing import PaddingFreeCollator, flat_rows_needed, pack_examples, prepare_model
+from posttrain.packing import prepare_model, sft_inputs
 from posttrain.ranks import on_main_then_shared
-from posttrain.speed import fastest_attention, plan_sft
+from posttrain.speed import fastest_attention
 from posttrain.ternary import bits_per_weight, convert, export_bitnet, export_fake_quant
 from posttrain.ternary.callback import TernaryLambdaCallback
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
@@ -47,19 +46,17 @@ def main(cfg: Config, resume: bool = False) -> dict:
 
     # 3. Speed, as in the sft recipe: packed rows (activations are quantized per token, so packed documents
     #    stay independent), micro-batch, accumulation, checkpointing, optimizer, kernels; each printed.
-    packed = pack_examples(train_set.examples, cfg.train.max_length, cfg.train.seed) if cfg.train.packing else None
-    plan = plan_sft(cfg, model, train_set.examples, packed)
-    plan.report()
+    inputs = sft_inputs(cfg, model, tokenizer, train_set, eval_set)
 
     # 4. Train; the callback sets lambda before every step (and after a resume, from the global step).
     history = LossHistory()
     trainer = guarded(SFTTrainer)(
         model=model,
-        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, plan,
+        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, inputs.plan,
                           dataset_kwargs={"skip_prepare_dataset": True}),  # tokenized, masked, truncated: ours
-        data_collator=PaddingFreeCollator(tokenizer.pad_token_id, flat_rows_needed(model)) if packed else None,
-        train_dataset=Dataset.from_list(packed.rows if packed else train_set.examples),
-        eval_dataset=Dataset.from_list(eval_set.examples) if eval_set else None,
+        data_collator=inputs.data_collator,
+        train_dataset=inputs.train_dataset,
+        eval_dataset=inputs.eval_dataset,
         processing_class=tokenizer,
         callbacks=[history, TernaryLambdaCallback(warmup, settings.lambda_schedule)],
     )
@@ -67,9 +64,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     final_eval = trainer.evaluate() if eval_set else {}
 
     # 5. Export: transformers' BitNet format in output_dir (+ fake-quant copy), bits per weight, metrics last.
-    speed = {**plan.as_dict(), **(packed.stats if packed else {})}
-    metrics = run_metrics(trainer, train_output, history, data_counts, {"eval_loss": final_eval.get("eval_loss"),
-                                                                        "ternary_layers": converted, "speed": speed})
+    extra = {"eval_loss": final_eval.get("eval_loss"), "ternary_layers": converted, "speed": inputs.speed}
+    metrics = run_metrics(trainer, train_output, history, data_counts, extra)
 
     def save(folder):  # called on every process; under DDP each holds the full model, the main one writes
         if not trainer.args.should_save:
