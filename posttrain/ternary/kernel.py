@@ -179,10 +179,10 @@ def _ternary_mm_fn(q_ptr, a_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, s
         k_ok = rk < K - k0
         xq = tl.load(q_ptrs, mask=(rm < M)[:, None] & k_ok[None, :], other=0)
         p = tl.load(w_ptrs, mask=k_ok[:, None] & (rg < R)[None, :], other=0)
-        acc0 = tl.dot(xq, (p & 3).to(tl.int8), acc0)
-        acc1 = tl.dot(xq, ((p >> 2) & 3).to(tl.int8), acc1)
-        acc2 = tl.dot(xq, ((p >> 4) & 3).to(tl.int8), acc2)
-        acc3 = tl.dot(xq, (p >> 6).to(tl.int8), acc3)
+        acc0 = tl.dot(xq, (p & 3).to(tl.int8), acc0, out_dtype=tl.int32)
+        acc1 = tl.dot(xq, ((p >> 2) & 3).to(tl.int8), acc1, out_dtype=tl.int32)
+        acc2 = tl.dot(xq, ((p >> 4) & 3).to(tl.int8), acc2, out_dtype=tl.int32)
+        acc3 = tl.dot(xq, (p >> 6).to(tl.int8), acc3, out_dtype=tl.int32)
         q_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     m_ok = rm < M
