@@ -81,6 +81,45 @@ def test_triton_kernels_under_interpreter():
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
+def _compile_for(target_arch, jit_fn, types: dict, constants: dict, options: dict):
+    """Compile a kernel to machine code for an NVIDIA architecture without a GPU (triton bundles ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature = {name: "constexpr" if name in constants else types[name] for name in jit_fn.arg_names}
+    source = triton.compiler.ASTSource(fn=jit_fn, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", target_arch, 32), options=options)
+
+
+@pytest.mark.skipif(IN_CHILD, reason="compiles the GPU kernels; the child only interprets")
+@pytest.mark.parametrize("arch", [90, 80])
+def test_triton_kernels_compile_for_nvidia_gpus(arch):
+    """The interpreter accepts code the GPU compiler rejects (triton 3.6, torch 2.11's, refused an int8 tl.dot into
+    an int32 accumulator without out_dtype=tl.int32; the interpreter and triton 3.9 let it through): compile every
+    decode and prefill config for Hopper and Ampere with the installed triton, no GPU needed."""
+    pytest.importorskip("triton")
+    from posttrain.ternary import kernel
+
+    if kernel._interpret():
+        pytest.skip("TRITON_INTERPRET is set")
+    kernel._import_triton()
+    kernels = kernel._build()
+    quant = {"x_ptr": "*bf16", "q_ptr": "*i8", "a_ptr": "*fp32", "s_ptr": "*i32", "K": "i32", "stride_xm": "i32",
+             "stride_qm": "i32"}
+    _compile_for(arch, kernels["act_quant"], quant, {"IS_BF16": True, "BLOCK_K": 4096},
+                 {"enable_fp_fusion": False, "num_warps": 4})
+    for i, config in enumerate(kernel._configs(small=True) + kernel._configs(small=False)):
+        out = ("bf16", "fp16", "fp32")[i % 3]
+        flags = {"HAS_MAP": i % 2 == 1, "HAS_BIAS": i % 4 < 2, "INT_OUT": i == 0, "ROUND_BF16": out == "bf16"}
+        types = {"q_ptr": "*i8", "a_ptr": "*fp32", "s_ptr": "*i32", "w_ptr": "*u8", "ws_ptr": "*fp32",
+                 "b_ptr": f"*{out}", "y_ptr": "*i32" if flags["INT_OUT"] else f"*{out}", "base_ptr": "*i32",
+                 "step_ptr": "*i32", **dict.fromkeys(["M", "R", "K", "stride_qm", "stride_wr", "stride_ym",
+                                                      "M_BUCKET"], "i32")}
+        compiled = _compile_for(arch, kernels["mm"], types, {**flags, **config.kwargs},
+                                {"num_warps": config.num_warps, "num_stages": config.num_stages})
+        assert compiled.asm.get("cubin"), config
+
+
 @pytest.fixture
 def triton_interpret():
     if not IN_CHILD:
