@@ -26,13 +26,14 @@ DPO  posttrain      posttrain's dpo recipe defaults: padding-free batches, refer
                     beta sweep): its set-up has no reference pass.
 
 Measured: real (non-padding) tokens/s or pairs/s over the steps after the first `warmup` ones, set-up time (model
-loading, tokenizing, reference pass: from the start until train() begins), set-up plus all steps (DPO trains
-one epoch, 50 steps over the 400 pairs, so that this is the time to train on them; on a GPU TRL's DPO variants
-stop after 20 steps, as dpo_anchor.py does, to save device time: their rate and set-up are still measured), peak memory (CUDA peak allocated;
-on CPU the process's peak RSS), and the losses: SFT compares the exact per-token loss on held-out documents after
-the epoch (the same documents and tokens for every variant) and the mean training loss over the last quarter
-of the steps; DPO compares the losses step by step (same pairs in the same order). Prints a table and the
-ratios; writes bench_train.json to $OUT (or --out). CPU timings on a shared machine are indicative only.
+loading, tokenizing, reference pass: from the start until train() begins), set-up plus all steps (DPO trains one
+epoch, 50 steps over the 400 pairs, so that this is the time to train on them; on a GPU TRL's DPO variants stop
+after 20 steps, as dpo_anchor.py does, to save device time: their rate and set-up are still measured), peak memory
+(CUDA peak allocated; on CPU the process's peak RSS), and the losses: SFT compares the exact per-token loss on
+held-out documents after the epoch (the same documents and tokens for every variant) and the mean training loss over
+the last quarter of the steps; DPO compares the losses step by step (same pairs in the same order). Prints a table
+and the ratios; writes bench_train.json to $OUT (or --out). CPU timings on a shared machine are indicative only.
+Exploration variants (--extra) add posttrain runs with one setting changed.
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ MARK = "BENCH_RESULT "
 
 SIZES = {  # model shape, data and steps per mode
     "cpu": dict(hidden=256, layers=4, heads=4, kv_heads=2, mlp=768, vocab=0, max_length=512, docs=192,
-                eval_docs=16, lr=1e-3, warmup=3, pairs=400, pair_words=32, dpo_steps=50, trl_dpo_steps=50, dpo_lr=1e-4),
+                eval_docs=16, lr=1e-3, warmup=3, pairs=400, pair_words=32, dpo_steps=50, trl_dpo_steps=50,
+                dpo_lr=1e-4),
     "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151936, max_length=1024, docs=320,
-                eval_docs=32, lr=3e-4, warmup=5, pairs=400, pair_words=256, dpo_steps=50, trl_dpo_steps=20, dpo_lr=1e-6),
+                eval_docs=32, lr=3e-4, warmup=5, pairs=400, pair_words=256, dpo_steps=50, trl_dpo_steps=20,
+                dpo_lr=1e-6),
     "smoke": dict(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=0, max_length=128, docs=48,
-                  eval_docs=4, lr=1e-3, warmup=1, pairs=32, pair_words=16, dpo_steps=3, trl_dpo_steps=3, dpo_lr=1e-4),
+                  eval_docs=4, lr=1e-3, warmup=1, pairs=32, pair_words=16, dpo_steps=3, trl_dpo_steps=3,
+                  dpo_lr=1e-4),
 }
 BATCH = 8
 
@@ -267,7 +271,11 @@ def device_flags() -> dict:
 # The variants.
 
 
-def posttrain_run(work: Path, size: dict, task: str) -> tuple[dict, object]:
+# Exploration variants (--extra): posttrain with one setting changed, to see what a default would gain.
+EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"]}
+
+
+def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) -> tuple[dict, object]:
     import posttrain
 
     common = [f"model.name_or_path={work / 'model'}", "data.eval=[]", "data.eval_fraction=0", "overwrite=true",
@@ -282,7 +290,7 @@ def posttrain_run(work: Path, size: dict, task: str) -> tuple[dict, object]:
                  f"train.max_steps={size['dpo_steps']}"]
     config = work / "base.yaml"
     config.write_text("recipe: sft\nmodel: {name_or_path: x}\ndata: {train: x}\noutput_dir: x\n")
-    metrics = posttrain.run(posttrain.load_config(config, common + extra))
+    metrics = posttrain.run(posttrain.load_config(config, common + extra + list(overrides)))
     losses = [loss for _, loss in metrics["train_loss_history"]]
     return {"losses": losses, "speed": metrics.get("speed")}, work / ("pt-" + task)
 
@@ -346,9 +354,9 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
     start = time.perf_counter()
     ours = variant.startswith("posttrain")
     if task == "sft":
-        out, trained = posttrain_run(work, size, task) if ours else trl_sft(work, size, variant)
+        out, trained = posttrain_run(work, size, task, EXTRA.get(variant, ())) if ours else trl_sft(work, size, variant)
     else:
-        out = posttrain_run(work, size, task)[0] if ours else trl_dpo(work, size, variant)
+        out = posttrain_run(work, size, task, EXTRA.get(variant, ()))[0] if ours else trl_dpo(work, size, variant)
     result = {"task": task, "variant": variant, "setup_s": marks["train_start"] - start, **clock.result(BATCH),
               **peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
     if task == "sft":
@@ -366,8 +374,10 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
 # The parent: build once, run every variant in its own process, compare.
 
 
-def run_variants(work: Path, mode: str, task: str, variants: list[str], lockstep: bool, threads: int) -> list[dict]:
-    """Each variant in its own process: one after the other, or all at once taking turns (see Clock)."""
+def run_variants(work: Path, mode: str, task: str, variants: list[str], lockstep: bool, threads: int,
+                 on_result=None) -> list[dict]:
+    """Each variant in its own process: one after the other, or all at once taking turns (see Clock);
+    on_result(result) is called as each one finishes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if lockstep:
@@ -382,11 +392,13 @@ def run_variants(work: Path, mode: str, task: str, variants: list[str], lockstep
         running = [(v, start(v)) for v in variants]
         outputs = [(v, *p.communicate(), p.returncode) for v, p in running]
     else:
-        outputs = []
-        for v in variants:
-            p = start(v)
-            outputs.append((v, *p.communicate(), p.returncode))
-    return [parse(task, *output) for output in outputs]
+        outputs = [(v, *p.communicate(), p.returncode) for v, p in ((v, start(v)) for v in variants)]
+    results = []
+    for output in outputs:  # a generator above: sequential variants are parsed as each one ends
+        results.append(parse(task, *output))
+        if on_result:
+            on_result(results[-1])
+    return results
 
 
 def parse(task: str, variant: str, stdout: str, stderr: str, returncode: int) -> dict:
@@ -447,6 +459,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per variant (default: 1 on CPU, where a busy machine makes two threads "
                              "wait for each other at every operation; the GPU mode leaves torch's default)")
+    parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
+                        help="also run these SFT exploration variants (posttrain with one setting changed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -466,20 +480,31 @@ def main() -> int:
     build(work, SIZES[args.mode])
     plan = {"sft": ["posttrain", "trl_defaults", "trl_no_ckpt", "trl_packed"],
             "dpo": ["posttrain", "trl_defaults", "trl_no_ckpt"]}
+    for name in args.extra:
+        plan["sft"].append(name)
     tasks = ["sft", "dpo"] if args.task == "all" else [args.task]
     print(f"bench_train: mode {args.mode}, work dir {work}", flush=True)
     lockstep = args.mode != "gpu" if args.lockstep == "auto" else args.lockstep == "on"
-    results = [r for task in tasks for r in run_variants(work, args.mode, task, plan[task], lockstep, threads)]
+    results: list[dict] = []
+
+    def save(result=None, final=False):  # rewritten after every variant: a run stopped early keeps what it measured
+        if result is not None:
+            results.append(result)
+        report = {"mode": args.mode, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                  "sizes": SIZES[args.mode], "complete": final, "results": results,
+                  "ratios": {task: compare(results, task) for task in tasks}}
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "bench_train.json").write_text(json.dumps(report, indent=1))
+        return report
+
+    for task in tasks:
+        run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
     if "dpo" in tasks:  # after the first run filled the reference cache
-        results += run_variants(work, args.mode, "dpo", ["posttrain_warm"], False, threads)
+        run_variants(work, args.mode, "dpo", ["posttrain_warm"], False, threads, save)
     print_table(results)
-    ratios = {task: compare(results, task) for task in tasks}
-    print("\nratios (posttrain / TRL):\n" + json.dumps(ratios, indent=2))
-    report = {"mode": args.mode, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-              "sizes": SIZES[args.mode], "results": results, "ratios": ratios}
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_train.json").write_text(json.dumps(report, indent=1))
+    report = save(final=True)
+    print("\nratios (posttrain / TRL):\n" + json.dumps(report["ratios"], indent=2))
     return 1 if any("error" in r for r in results) else 0
 
 

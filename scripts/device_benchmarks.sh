@@ -1,0 +1,33 @@
+#!/bin/bash
+# The GPU numbers of docs/BENCHMARKS.md in one call on one H100/H200 with no network, each part under its own
+# time limit so that one slow part cannot cost the others (logs and JSON land in $OUT as each part ends).
+#   here, once:           ../shared/device/fetch-wheels.sh transformers==5.24.0     (fills .whl/, git-ignored)
+#   on the GPU machine:   source .whl/setup.sh && bash scripts/device_benchmarks.sh [kernels] [e2e] [train]
+# With no arguments all three parts run. Limits (seconds) can be changed with LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN.
+set -u
+OUT=${OUT:-/tmp/posttrain-bench}
+mkdir -p "$OUT"
+parts=${*:-kernels e2e train}
+
+run_part() {  # name limit command...: the command's output goes to $OUT/name.log, its tail to stdout
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: start $(date +%T), limit ${limit}s: $*"
+    timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc $rc at $(date +%T)$([ $rc = 124 ] && echo ' (time limit)')"
+    grep -v -e "Warning" -e "warnings.warn" "$OUT/$name.log" | tail -n "${TAIL_LINES:-45}"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+for part in $parts; do
+    case $part in
+        kernels) run_part ternary_kernels "${LIMIT_KERNELS:-130}" python3 scripts/bench_ternary.py --skip-e2e \
+                     --json "$OUT/ternary_kernels.json" ;;
+        e2e) run_part ternary_e2e "${LIMIT_E2E:-90}" python3 scripts/bench_ternary.py --skip-kernels \
+                 --json "$OUT/ternary_e2e.json" ;;
+        train) run_part train "${LIMIT_TRAIN:-270}" python3 scripts/bench_train.py --mode gpu --extra posttrain_8k \
+                   --out "$OUT/train" ;;
+        *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
+    esac
+done
