@@ -22,11 +22,11 @@ run_part() {  # name limit command...: the command's output goes to $OUT/name.lo
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 for part in $parts; do
     case $part in
-        kernels) run_part ternary_kernels "${LIMIT_KERNELS:-130}" python3 scripts/bench_ternary.py --skip-e2e \
+        kernels) run_part ternary_kernels "${LIMIT_KERNELS:-120}" python3 scripts/bench_ternary.py --skip-e2e \
                      --json "$OUT/ternary_kernels.json" ;;
-        e2e) run_part ternary_e2e "${LIMIT_E2E:-90}" python3 scripts/bench_ternary.py --skip-kernels \
+        e2e) run_part ternary_e2e "${LIMIT_E2E:-80}" python3 scripts/bench_ternary.py --skip-kernels \
                  --json "$OUT/ternary_e2e.json" ;;
-        train) run_part train "${LIMIT_TRAIN:-270}" python3 scripts/bench_train.py --mode gpu --extra posttrain_8k \
+        train) run_part train "${LIMIT_TRAIN:-250}" python3 scripts/bench_train.py --mode gpu --extra posttrain_8k \
                    --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac
