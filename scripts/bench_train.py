@@ -203,8 +203,9 @@ class Clock:
 
     def result(self, batch: int) -> dict:
         measured = self.steps - self.warmup
-        return {"tokens_per_s": (self.tokens1 - self.tokens0) / self.seconds, "pairs_per_s": measured * batch /
-                self.seconds, "measured_steps": measured, "steps": self.steps, "measured_s": self.seconds,
+        rate = (lambda n: n / self.seconds) if self.seconds else (lambda n: None)  # None: no step after warm-up
+        return {"tokens_per_s": rate(self.tokens1 - self.tokens0), "pairs_per_s": rate(measured * batch),
+                "measured_steps": measured, "steps": self.steps, "measured_s": self.seconds,
                 "all_steps_s": self.all_seconds}
 
 
