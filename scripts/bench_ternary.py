@@ -7,7 +7,9 @@ and end to end (greedy decode).
 Kernel table, per (in x out, m): the ternary layer (activation quantization + 2-bit matmul + scale; CUDA: Triton,
 CPU: the C kernel), on CUDA the Triton matmul alone ("tern mm") / on the CPU the torch fallback backend ("torch
 fb"), the dense layer as users run it (bf16 F.linear on CUDA, fp32 on CPU), transformers' BitLinear on the same
-packed weights (on CUDA torch.compile'd as shipped, on the CPU eager), and the ratios. Each row first checks the
+packed weights (on CUDA torch.compile'd as shipped, on the CPU eager), and the ratios; on CUDA also the same calls
+captured in a CUDA graph ("graph" columns: GPU time without Python launch overhead, as a served decode runs; the
+eager columns include Triton's and torch's per-call Python cost, tens of microseconds). Each row first checks the
 kernel against the pure-torch reference (integer accumulators equal, float outputs max |diff|); a failing row
 prints its error and the run goes on. CUDA times are CUDA-event means with warm-up, cycling through enough weight
 copies (>= 256 MB) that the weights come from HBM as in a real decode, not from L2 (BitLinear: one copy).
@@ -78,6 +80,33 @@ def cuda_time(fns: list, warmup: int = 5, reps: int = 40) -> float:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def graph_time(fns: list, reps: int = 48) -> float:
+    """Mean seconds per call with launch overhead removed: `reps` calls (cycling through fns) captured in one CUDA
+    graph, replayed; the GPU time a decode step gets when it runs as a graph (vLLM, SGLang, torch.compile)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture (lazy initialization)
+        for fn in fns[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    del graph
     return statistics.median(times)
 
 
@@ -167,6 +196,19 @@ def kernel_row(K: int, N: int, m: int, device: str, dtype: torch.dtype) -> dict:
                     row["hf_bitlinear_us"] = timer(fns["hf_bitlinear"], warmup=3, reps=10) * 1e6
             except Exception as err:  # noqa: BLE001 - one failing baseline must not stop the table
                 row["hf_bitlinear_error"] = repr(err)[:200]
+        if device != "cpu":  # the same calls inside CUDA graphs: GPU time without Python launch overhead
+            with torch.no_grad():
+                for name in fns:
+                    try:
+                        row[f"{name}_graph_us"] = graph_time(fns[name]) * 1e6
+                    except Exception as err:  # noqa: BLE001 - e.g. a baseline that cannot be captured
+                        row[f"{name}_graph_error"] = repr(err)[:200]
+            if "dense_graph_us" in row and "ternary_graph_us" in row:
+                row["graph_x_vs_dense"] = row["dense_graph_us"] / row["ternary_graph_us"]
+            if "hf_bitlinear_graph_us" in row and "ternary_graph_us" in row:
+                row["graph_x_vs_hf_bitlinear"] = row["hf_bitlinear_graph_us"] / row["ternary_graph_us"]
+            if "ternary_graph_us" in row:  # packed bytes over the whole layer's GPU time
+                row["graph_GBps"] = N * K / 4 / (row["ternary_graph_us"] * 1e-6) / 1e9
         row["x_vs_dense"] = row["dense_us"] / row["ternary_us"]
         if "hf_bitlinear_us" in row:
             row["x_vs_hf_bitlinear"] = row["hf_bitlinear_us"] / row["ternary_us"]
@@ -182,9 +224,10 @@ def kernel_row(K: int, N: int, m: int, device: str, dtype: torch.dtype) -> dict:
 def print_header(device: str) -> None:
     dense = "fp32" if device == "cpu" else "bf16"
     mm = "torch fb" if device == "cpu" else "tern mm"
+    graph = "" if device == "cpu" else "  | graph: tern us bf16 us BitLin us x dense x BitLin  GB/s"
     print(
         f"\n{'in x out':>13} {'m':>4} {'ternary us':>11} {mm + ' us':>11} {dense + ' us':>10} {'BitLinear us':>13} "
-        f"{'x dense':>8} {'x BitLin':>9} {'mm GB/s':>8}  check",
+        f"{'x dense':>8} {'x BitLin':>9} {'mm GB/s':>8}{graph}  check",
         flush=True,
     )
 
@@ -199,10 +242,14 @@ def print_row(row: dict, device: str) -> None:
         return
     check = f"acc {'exact' if row['acc_exact'] else 'MISMATCH'}, max|dy| {row['max_abs_diff']:.2g}"
     second = "torch_fallback_us" if device == "cpu" else "ternary_mm_us"
+    graph = "" if device == "cpu" else (
+        f"  | {f('ternary_graph_us'):>11} {f('dense_graph_us'):>7} {f('hf_bitlinear_graph_us'):>9} "
+        f"{f('graph_x_vs_dense', '{:.2f}'):>7} {f('graph_x_vs_hf_bitlinear', '{:.2f}'):>8} "
+        f"{f('graph_GBps', '{:.0f}'):>5}")
     print(
         f"{shape:>13} {row['m']:>4} {f('ternary_us'):>11} {f(second):>11} {f('dense_us'):>10} "
         f"{f('hf_bitlinear_us'):>13} {f('x_vs_dense', '{:.2f}'):>8} {f('x_vs_hf_bitlinear', '{:.2f}'):>9} "
-        f"{f('mm_GBps', '{:.0f}'):>8}  {check}",
+        f"{f('mm_GBps', '{:.0f}'):>8}{graph}  {check}",
         flush=True,
     )
 

@@ -118,6 +118,17 @@ def test_triton_kernels_compile_for_nvidia_gpus(arch):
         compiled = _compile_for(arch, kernels["mm"], types, {**flags, **config.kwargs},
                                 {"num_warps": config.num_warps, "num_stages": config.num_stages})
         assert compiled.asm.get("cubin"), config
+    for i, (block_n, block_k, warps, stages) in enumerate(kernel.GEMV_CONFIGS):  # decode: dp4a inline PTX
+        out = ("bf16", "fp32")[i % 2]
+        flags = {"HAS_MAP": i % 2 == 1, "HAS_BIAS": i % 4 < 2, "INT_OUT": i == 0, "ROUND_BF16": out == "bf16",
+                 "IS_BF16": out == "bf16", "USE_DP4A": True}
+        types = {"x_ptr": f"*{out}", "w_ptr": "*u8", "ws_ptr": "*fp32", "b_ptr": f"*{out}",
+                 "y_ptr": "*i32" if flags["INT_OUT"] else f"*{out}", "base_ptr": "*i32", "step_ptr": "*i32",
+                 "R": "i32", "K": "i32", "stride_wr": "i32"}
+        compiled = _compile_for(arch, kernels["gemv"], types,
+                                {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k, "QUANT_BLOCK": 4096},
+                                {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+        assert "dp4a" in compiled.asm["ptx"] and compiled.asm.get("cubin")
 
 
 @pytest.fixture
@@ -241,15 +252,39 @@ def test_shared_input_group_reuses_only_the_same_unmodified_tensor():
     assert not torch.equal(k(x), alone[1])
 
 
-def test_interpreted_fused_groups(triton_interpret):
+@pytest.mark.parametrize("tokens", [2, 1])  # 1: the decode GEMV with the column map
+def test_interpreted_fused_groups(triton_interpret, tokens):
     parent = fused_pair()
-    x = torch.randn(2, 96)
+    x = torch.randn(tokens, 96)
     alone = [getattr(parent, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
     fuse_shared_inputs(parent)
     for name in ("q_proj", "k_proj", "v_proj"):
         getattr(parent, name).backend = "triton"
     outs = [getattr(parent, n)(x) for n in ("q_proj", "k_proj", "v_proj")]  # one kernel call, column map
     assert all(torch.equal(a, b) for a, b in zip(alone, outs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interpreted_gemv_exact(triton_interpret, dtype, monkeypatch):
+    """One token takes the fused one-launch GEMV (32-bit words, byte dot products): exact against the reference,
+    with K not a multiple of the K block, with and without bias; K % 4 != 0 falls back to the two-kernel path."""
+    kernel = triton_interpret
+    calls = []
+    original = kernel.ternary_gemv
+    monkeypatch.setattr(kernel, "ternary_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for K, N, seed in ((200, 64, 3), (1028, 32, 4), (96, 128, 5)):
+        packed, ws, bias = random_layer(K, N, seed=seed, dtype=dtype)
+        x = activations(1, K, seed=seed, dtype=dtype)
+        acc = kernel.ternary_linear_triton(x, packed, scales(ws, N), return_acc=True)
+        assert torch.equal(acc, ternary_linear_reference(x, packed, ws, return_acc=True)), K
+        for b in (None, bias):
+            y = kernel.ternary_linear_triton(x, packed, scales(ws, N), b)
+            assert y.dtype == dtype and torch.equal(y, ternary_linear_reference(x, packed, ws, b)), K
+    assert len(calls) == 9
+    packed, ws, _ = random_layer(98, 32, seed=6, dtype=dtype)  # K % 4 != 0: words would straddle rows
+    x = activations(1, 98, seed=6, dtype=dtype)
+    assert torch.equal(kernel.ternary_linear_triton(x, packed, scales(ws, 32)), ternary_linear_reference(x, packed, ws))
+    assert len(calls) == 9
 
 
 @pytest.fixture(scope="module")
