@@ -25,7 +25,8 @@ DPO  posttrain      posttrain's dpo recipe defaults: padding-free batches, refer
      posttrain_warm posttrain again, afterwards, with the reference cache the first run filled (a rerun or a
                     beta sweep): its set-up has no reference pass.
 
-Measured: real (non-padding) tokens/s or pairs/s over the steps after the first `warmup` ones, set-up time (model
+Measured: real (non-padding) tokens/s or pairs/s over the steps after the first `warmup` ones (wall-clock when the
+variants run one after the other, as on a GPU; step time only in CPU lockstep mode, see Clock), set-up time (model
 loading, tokenizing, reference pass: from the start until train() begins), set-up plus all steps (DPO trains one
 epoch, 50 steps over the 400 pairs, so that this is the time to train on them; on a GPU TRL's DPO variants stop
 after 20 steps, as dpo_anchor.py does, to save device time: their rate and set-up are still measured), peak memory
@@ -155,16 +156,21 @@ def token_ids(work: Path, name: str) -> list[list[int]]:
 
 
 class Clock:
-    """Times the steps after `warmup` (forward, backward, optimizer: the time between the Trainer's step-begin
-    and step-end events; data loading excluded for every variant) and counts the real tokens they saw (the
-    Trainer's non-padding count). With a lock file (lockstep mode) the variants run at the same time but take
-    turns: a process computes only while it holds the lock, so background load on a shared CPU falls on every
-    variant alike instead of on whichever ran during a busy minute."""
+    """Counts the real tokens (the Trainer's non-padding count) of the steps after `warmup` and times them.
+
+    One variant at a time (GPU): wall-clock from the end of the warm-up steps to the end of the last step, with
+    a device synchronization at those two points only, as a user's run experiences it (data loading, logging
+    and per-step bookkeeping included; the CPU may run ahead of the GPU as it would).
+    Lockstep (CPU: the variants run at the same time but take turns through a lock file, so that background
+    load on a shared CPU falls on every variant alike): only the time between the Trainer's step-begin and
+    step-end events counts (forward, backward, optimizer; data loading excluded for every variant), since
+    wall-clock there would include the other variants' turns."""
 
     def __init__(self, warmup: int, lock_path: str | None = None):
         self.warmup, self.seconds, self.all_seconds, self.tokens0, self.tokens1, self.steps = warmup, 0.0, 0.0, 0, 0, 0
         self.lock = open(lock_path, "a") if lock_path else None  # noqa: SIM115 (held for the process's life)
-        self.held, self.step_start = False, 0.0
+        self.held, self.step_start, self.start = False, 0.0, time.perf_counter()
+        self.wall0 = None
 
     def hold(self) -> None:
         if self.lock and not self.held:
@@ -185,17 +191,23 @@ class Clock:
         class _Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 clock.hold()
-                sync()
-                clock.step_start = time.perf_counter()
+                if clock.lock:
+                    sync()
+                    clock.step_start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                sync()
-                seconds = time.perf_counter() - clock.step_start
-                clock.all_seconds += seconds
+                last = state.global_step in (clock.warmup, state.max_steps)
+                if clock.lock or last:
+                    sync()
+                now = time.perf_counter()
+                if clock.lock:
+                    clock.all_seconds += now - clock.step_start
+                    if state.global_step > clock.warmup:
+                        clock.seconds += now - clock.step_start
                 if state.global_step == clock.warmup:
-                    clock.tokens0 = state.num_input_tokens_seen
-                elif state.global_step > clock.warmup:
-                    clock.seconds += seconds
+                    clock.tokens0, clock.wall0 = state.num_input_tokens_seen, now
+                elif not clock.lock and state.global_step == state.max_steps:
+                    clock.seconds, clock.all_seconds = now - clock.wall0, now - clock.start
                 clock.tokens1, clock.steps = state.num_input_tokens_seen, state.global_step
                 clock.release()
 
@@ -206,7 +218,7 @@ class Clock:
         rate = (lambda n: n / self.seconds) if self.seconds else (lambda n: None)  # None: no step after warm-up
         return {"tokens_per_s": rate(self.tokens1 - self.tokens0), "pairs_per_s": rate(measured * batch),
                 "measured_steps": measured, "steps": self.steps, "measured_s": self.seconds,
-                "all_steps_s": self.all_seconds}
+                "all_steps_s": self.all_seconds, "timing": "step events (lockstep)" if self.lock else "wall-clock"}
 
 
 def sync():
@@ -224,7 +236,7 @@ def instrument(clock: Clock) -> dict:
 
     def train(self, *args, **kwargs):
         self.add_callback(clock.callback())
-        marks["train_start"] = time.perf_counter()
+        marks["train_start"] = clock.start = time.perf_counter()
         return original(self, *args, **kwargs)
 
     Trainer.train = train
