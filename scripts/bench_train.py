@@ -285,7 +285,10 @@ def device_flags() -> dict:
 
 
 # Exploration variants (--extra): posttrain with one setting changed, to see what a default would gain.
-EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"]}
+# posttrain_liger: liger-kernel importable in that variant only, from $BENCH_LIGER_PATH (a pip --target folder), so
+# that the other variants measure the base install.
+EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
+         "posttrain_liger": ["train.liger_kernels=true"]}
 
 
 def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) -> tuple[dict, object]:
@@ -358,6 +361,8 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
     import torch
 
     size = SIZES[mode]
+    if variant == "posttrain_liger" and os.environ.get("BENCH_LIGER_PATH"):
+        sys.path.insert(0, os.environ["BENCH_LIGER_PATH"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock = Clock(size["warmup"], os.environ.get("BENCH_LOCK"))

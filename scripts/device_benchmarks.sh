@@ -2,6 +2,7 @@
 # The GPU numbers of docs/BENCHMARKS.md in one call on one H100/H200 with no network, each part under its own
 # time limit so that one slow part cannot cost the others (logs and JSON land in $OUT as each part ends).
 #   here, once:           ../shared/device/fetch-wheels.sh transformers==5.24.0     (fills .whl/, git-ignored)
+#                         and, for the posttrain_liger variant, a liger-kernel wheel in .whl/extra/
 #   on the GPU machine:   source .whl/setup.sh && bash scripts/device_benchmarks.sh [kernels] [e2e] [train]
 # With no arguments all three parts run. Limits (seconds) can be changed with LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN.
 set -u
@@ -26,8 +27,14 @@ for part in $parts; do
                      --json "$OUT/ternary_kernels.json" ;;
         e2e) run_part ternary_e2e "${LIMIT_E2E:-80}" python3 scripts/bench_ternary.py --skip-kernels \
                  --json "$OUT/ternary_e2e.json" ;;
-        train) run_part train "${LIMIT_TRAIN:-250}" python3 scripts/bench_train.py --mode gpu --extra posttrain_8k \
-                   --out "$OUT/train" ;;
+        train)
+            extra=posttrain_8k
+            if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
+                python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \
+                    && export BENCH_LIGER_PATH=/tmp/liger_site && extra="posttrain_liger posttrain_8k"
+            fi
+            run_part train "${LIMIT_TRAIN:-250}" python3 scripts/bench_train.py --mode gpu --extra $extra \
+                --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac
 done
