@@ -24,8 +24,8 @@ from typing import Literal
 
 import yaml
 
-from posttrain.config import apply_overrides, build, read_yaml, where_in
 from posttrain.errors import PosttrainError
+from posttrain.strict_config import apply_overrides, build, read_yaml, where_in
 
 
 @dataclass

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from posttrain.config import DataSource, _Where, build, read_yaml
+from posttrain.config import DataSource
 from posttrain.data import looks_like_path, read_source
 from posttrain.errors import PosttrainError
 from posttrain.eval.variants import split_model_spec
+from posttrain.strict_config import Where, build, read_yaml
 
 _DATA_HELP = "is required: a data file or folder, a hub dataset or tiny:TASK"
 
@@ -153,13 +154,13 @@ class Suite:
 def load_suite(suite: str | Path | dict) -> Suite:
     """Read, type-check and resolve a suite YAML file (or an already-parsed dict)."""
     if isinstance(suite, dict):
-        tree, where, base_dir = suite, _Where("<dict>", None), Path.cwd()
+        tree, where, base_dir = suite, Where("<dict>", None), Path.cwd()
     else:
         path = Path(suite)
         if not path.is_file():
             raise PosttrainError(f"suite file {path} does not exist: pass the path of a suite YAML (see docs/EVAL.md)")
         tree, text = read_yaml(path)
-        where, base_dir = _Where(str(path), text), path.parent
+        where, base_dir = Where(str(path), text), path.parent
     result = build(Suite, tree, where)
     result.source = where.source
     _resolve_paths(result, base_dir, where)
@@ -177,7 +178,7 @@ def _relative_to_suite(value: str, base_dir: Path) -> Path | None:
     return None
 
 
-def _resolve_paths(suite: Suite, base_dir: Path, where: _Where) -> None:
+def _resolve_paths(suite: Suite, base_dir: Path, where: Where) -> None:
     for key, section in suite.sections():
         data = getattr(section, "data", None)
         if data is not None and not data.path.startswith("tiny:"):
