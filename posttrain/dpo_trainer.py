@@ -14,11 +14,18 @@ TRL's fused-head outputs scattered back into the padded layout, so TRL's loss, m
 unchanged on per-sequence sums that equal the padded ones up to float rounding. (TRL 1.16 disables its own
 `padding_free` for DPO.) Not packed: the reference forward of a PEFT policy with precompute_ref off, which TRL
 runs on `self.model` directly, padded.
+
+Set-up cost: TRL hashes every weight of the reference in its constructor (`hash_module`) only to name the datasets
+cache file of its own reference pass; posttrain's pass keeps its result in memory and its disk cache is keyed by the
+weight files, so that hash (seconds for a 0.5B model) is skipped unless TRL's own pass runs (DeepSpeed).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import trl.trainer.dpo_trainer as trl_dpo
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -62,10 +69,26 @@ def pop_packed(inputs: dict) -> dict | None:
     return {key: inputs.pop(key) for key in PACKED_KEYS}
 
 
+@contextlib.contextmanager
+def _model_hash_for_deepspeed_only(trainer):
+    """While TRL's constructor runs: its `hash_module` (the reference's state_dict copied to the CPU, upcast to fp32 and
+    sha256'd, tied embeddings twice: ~2.5 GB for Qwen2.5-0.5B) runs only where TRL's own reference pass will use it."""
+    original = getattr(trl_dpo, "hash_module", None)
+    if original is None:  # a TRL without it: nothing to skip
+        yield
+        return
+    trl_dpo.hash_module = lambda module: original(module) if trainer.is_deepspeed_enabled else None
+    try:
+        yield
+    finally:
+        trl_dpo.hash_module = original
+
+
 class CachedReferenceDPOTrainer(DPOTrainer):
     def __init__(self, *args, **kwargs):
         self.reference_forwards = 0  # set first: TRL's constructor already runs the reference pass
-        super().__init__(*args, **kwargs)
+        with _model_hash_for_deepspeed_only(self):
+            super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "prompt_ids" in dataset.column_names:
@@ -74,7 +97,10 @@ class CachedReferenceDPOTrainer(DPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's reference pass, keeping the result in memory: TRL round-trips it through a datasets cache file
-        that, for an in-memory dataset, lives in a per-process temp dir, so other DDP ranks cannot find it."""
+        that, for an in-memory dataset, lives in a per-process temp dir, so other DDP ranks cannot find it.
+        batch_size is dpo's precompute_ref_batch_size (posttrain.speed.plan_dpo: larger than the training
+        micro-batch, as no activations are kept). The model runs in eval mode (TRL's compute_ref_log_probs adds
+        no_grad), and the results stay on the device until the end: one copy to the host, not one per batch."""
         if all(c in dataset.column_names for c in REF_COLUMNS):
             return dataset
         if self.is_deepspeed_enabled:  # ZeRO needs TRL's inference-engine wrapping
@@ -82,13 +108,19 @@ class CachedReferenceDPOTrainer(DPOTrainer):
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False))
         model = self.ref_model or self.model
+        was_training = model.training
+        model.eval()
         chosen, rejected = [], []
-        for batch in tqdm(loader, desc=f"reference log-probs ({name})", disable=not self.accelerator.is_main_process):
-            pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
-            chosen.append(pair[0].float().cpu())
-            rejected.append(pair[1].float().cpu())
-        return dataset.add_column(REF_COLUMNS[0], torch.cat(chosen).tolist()).add_column(
-            REF_COLUMNS[1], torch.cat(rejected).tolist())
+        try:
+            for batch in tqdm(loader, desc=f"reference log-probs ({name})",
+                              disable=not self.accelerator.is_main_process):
+                pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+                chosen.append(pair[0])
+                rejected.append(pair[1])
+        finally:
+            model.train(was_training)
+        return dataset.add_column(REF_COLUMNS[0], torch.cat(chosen).float().cpu().tolist()).add_column(
+            REF_COLUMNS[1], torch.cat(rejected).float().cpu().tolist())
 
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forwards += 1

@@ -82,21 +82,34 @@ def drop_identical(rows) -> None:
 # (the completion's end is cut); pairs whose prompt alone fills max_length are dropped.
 
 
-def _pair_ids(tokenizer, row: dict) -> dict:
-    from posttrain.masks import common_prefix_length
-
-    if isinstance(row["prompt"], str):
+def _full_ids(tokenizer, rows: list[dict]) -> list[tuple[list, list, list]]:
+    """(prompt, prompt + chosen, prompt + rejected) token ids of each row, in a few batched tokenizer calls (one
+    call per sequence costs ~0.1 ms of Python each, and a batch lets the Rust tokenizer use several threads)."""
+    out: list = [None] * len(rows)
+    plain = [i for i, row in enumerate(rows) if isinstance(row["prompt"], str)]
+    chat = [i for i, row in enumerate(rows) if not isinstance(row["prompt"], str)]
+    if plain:
         eos = tokenizer.eos_token
         add_eos = lambda text: text if text.endswith(eos) else text + eos  # noqa: E731
-        prompt_ids = tokenizer(row["prompt"])["input_ids"]
-        chosen_ids = tokenizer(row["prompt"] + add_eos(row["chosen"]))["input_ids"]
-        rejected_ids = tokenizer(row["prompt"] + add_eos(row["rejected"]))["input_ids"]
-    else:
-        render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
-            msgs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
-        prompt_ids = render(row["prompt"], True)
-        chosen_ids = render(row["prompt"] + row["chosen"])
-        rejected_ids = render(row["prompt"] + row["rejected"])
+        texts = [rows[i]["prompt"] for i in plain]
+        for completion in ("chosen", "rejected"):
+            texts += [rows[i]["prompt"] + add_eos(rows[i][completion]) for i in plain]
+        ids = tokenizer(texts)["input_ids"]
+        for k, i in enumerate(plain):
+            out[i] = (ids[k], ids[len(plain) + k], ids[2 * len(plain) + k])
+    if chat:
+        render = lambda convs, gen: tokenizer.apply_chat_template(  # noqa: E731
+            convs, tokenize=True, add_generation_prompt=gen, return_dict=True)["input_ids"]
+        prompts = render([rows[i]["prompt"] for i in chat], True)
+        full = render([rows[i]["prompt"] + rows[i][c] for c in ("chosen", "rejected") for i in chat], False)
+        for k, i in enumerate(chat):
+            out[i] = (prompts[k], full[k], full[len(chat) + k])
+    return out
+
+
+def _pair_ids(prompt_ids: list, chosen_ids: list, rejected_ids: list) -> dict:
+    from posttrain.masks import common_prefix_length
+
     start = min(common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids))
     return {"prompt_ids": prompt_ids[:start], "chosen_ids": chosen_ids[start:], "rejected_ids": rejected_ids[start:]}
 
@@ -108,8 +121,8 @@ def tokenize_pairs(tokenizer, rows, max_length: int) -> tuple[list[dict], dict]:
     if rows.format != "preference":
         raise PosttrainError(f"recipe dpo needs preference rows (prompt/chosen/rejected), got {rows.format!r} rows")
     examples, counts = [], {"pairs": len(rows.rows), "truncated": 0, "prompt_too_long": 0, **rows.dropped}
-    for row in rows.rows:
-        pair = _pair_ids(tokenizer, row)
+    for ids in _full_ids(tokenizer, rows.rows):
+        pair = _pair_ids(*ids)
         room = max_length - len(pair["prompt_ids"])
         if room <= 0:
             counts["prompt_too_long"] += 1

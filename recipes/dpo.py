@@ -79,16 +79,18 @@ def main(cfg: Config, resume: bool = False) -> dict:
                                                     flat_rows_needed(model)) if cfg.train.packing else None,
         args=trainer_args(cfg, DPOConfig, run_dir, eval_set is not None, plan, beta=cfg.dpo.beta,
                           loss_type=cfg.dpo.loss_type, loss_weights=cfg.dpo.loss_weights,
-                          label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref),
+                          label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref,
+                          precompute_ref_batch_size=plan.reference_batch_size),
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.adapter, model),
         callbacks=[history],
     )
-    if cfg.dpo.precompute_ref:
-        store_reference(trainer.train_dataset, train_key, trainer.accelerator.is_main_process)
-        if eval_set is not None:
+    if cfg.dpo.precompute_ref:  # a hit is already on disk: only what was computed is written
+        if not train_hit:
+            store_reference(trainer.train_dataset, train_key, trainer.accelerator.is_main_process)
+        if eval_set is not None and not eval_hit:
             store_reference(trainer.eval_dataset, eval_key, trainer.accelerator.is_main_process)
         trainer.ref_model = ref_model = None  # precomputed: the reference is never run again
     # The starting point's held-out rewards/accuracies/margins, then train, then the same after.
