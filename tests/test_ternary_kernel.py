@@ -340,3 +340,23 @@ def test_load_fast_ternary_refuses_dense_checkpoints(tiny_model_dir):
         load_fast_ternary(tiny_model_dir)
     with pytest.raises(PosttrainError, match="no BitLinear"):
         load_fast_ternary(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+
+
+def test_gemv_self_check_turns_a_wrong_kernel_off(monkeypatch):
+    """On first use per device the one-token kernel is checked against the reference; a wrong result (e.g. a GPU
+    whose dp4a path misbehaves) turns it off with a warning instead of returning wrong outputs."""
+    from posttrain.ternary import kernel
+
+    monkeypatch.setattr(kernel, "_interpret", lambda: False)
+    monkeypatch.setattr(kernel, "_GEMV_VERIFIED", {})
+
+    def right(x, packed, scales, *, out_dtype, return_acc, config):
+        ws = scales[:1].to(out_dtype)
+        return ternary_linear_reference(x, packed, ws, return_acc=return_acc)
+
+    monkeypatch.setattr(kernel, "ternary_gemv", right)
+    assert kernel.gemv_verified(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(kernel, "ternary_gemv", lambda *a, **k: right(*a, **k) + 1)
+    with pytest.warns(UserWarning, match="disagrees with the reference"):
+        assert not kernel.gemv_verified(torch.device("cpu"), torch.bfloat16)
+    assert kernel._GEMV_VERIFIED == {("cpu", torch.float32): True, ("cpu", torch.bfloat16): False}

@@ -30,7 +30,6 @@ from posttrain.ternary.inference import (
     load_fast_ternary,
     swap_ternary_linears,
 )
-from posttrain.ternary.kernel import ternary_linear_reference
 from posttrain.ternary.pack import pack_ternary, unpack_ternary
 from posttrain.ternary.quant import (
     absmean_scale,
@@ -42,6 +41,7 @@ from posttrain.ternary.quant import (
     latent_from_ternary,
     ste_blend,
     ternary_codes,
+    ternary_linear_reference,
     weight_quant,
 )
 

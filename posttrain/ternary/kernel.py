@@ -43,43 +43,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
-from posttrain.ternary.pack import unpack_ternary
-from posttrain.ternary.quant import activation_codes
+from posttrain.ternary.pack import pack_ternary
+from posttrain.ternary.quant import ternary_linear_reference  # noqa: F401 (the semantics; re-exported)
 
 # triton (the `kernels` extra) is imported on first use, not with posttrain: importing it fixes the interpreter mode
 triton = None
 tl = None
 
 SMALL_M = 16  # decode path (BLOCK_M = 16) up to this many tokens
-
-
-def ternary_linear_reference(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    return_acc: bool = False,
-) -> torch.Tensor:
-    """Pure-torch BitNet linear on packed weights: the semantics every kernel here must reproduce.
-
-    x (..., K) float; packed uint8 (N/4, K) in transformers' layout; weight_scale (1,) or (N,) = 1 / mean|W| (any
-    float dtype; its value is used as given). return_acc=True returns the exact integer accumulators (int32).
-    The integer product is taken in float64 (exact for these magnitudes, and available on CPU and CUDA).
-    """
-    codes = unpack_ternary(packed)  # int8 (N, K)
-    q, a = activation_codes(x)  # q float32 codes, a (..., 1) in x.dtype
-    acc = q.double() @ codes.double().t()
-    if return_acc:
-        return acc.to(torch.int32)
-    acc = acc.float()
-    if x.dtype == torch.bfloat16:
-        acc = acc.to(torch.bfloat16).float()
-    y = (acc / (weight_scale.float() * a.float())).to(x.dtype)
-    return y if bias is None else y + bias.to(x.dtype)
 
 
 def triton_available() -> bool:
@@ -359,6 +334,36 @@ def gemv_applies(x2: torch.Tensor, packed: torch.Tensor) -> bool:
             and packed.data_ptr() % 4 == 0 and os.environ.get("POSTTRAIN_TERNARY_GEMV", "1") != "0")
 
 
+_GEMV_VERIFIED: dict = {}
+
+
+def gemv_verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per device and dtype: the one-token kernel against the reference on a random layer (integer
+    accumulators and outputs must be equal). On a mismatch it is turned off for this process with a warning and
+    the two-kernel path (act_quant + tensor-core matmul, measured exact on an H200) serves single tokens.
+    Runs eagerly on first use: make one eager call before capturing a CUDA graph (as for the tuning)."""
+    key = (str(device), dtype)
+    if key not in _GEMV_VERIFIED:
+        if _interpret():  # the interpreter runs the pure-Triton fallback, checked by the tests
+            _GEMV_VERIFIED[key] = True
+            return True
+        g = torch.Generator(device=device).manual_seed(0)
+        K, N = 1040, 256  # K: two full 512-byte blocks and a tail
+        packed = pack_ternary(torch.randint(-1, 2, (N, K), generator=g, device=device, dtype=torch.int8))
+        x = (torch.randn(1, K, generator=g, device=device) * 3).to(dtype)
+        ws = torch.full((1,), 37.0, device=device, dtype=dtype)
+        scales = ws.float().expand(N).contiguous()
+        run = lambda acc: ternary_gemv(x, packed, scales, out_dtype=dtype, return_acc=acc,  # noqa: E731
+                                       config=GEMV_CONFIGS[1])
+        ok = torch.equal(run(True), ternary_linear_reference(x, packed, ws, return_acc=True)) and torch.equal(
+            run(False), ternary_linear_reference(x, packed, ws))
+        if not ok:
+            warnings.warn(f"posttrain: the one-token ternary kernel disagrees with the reference on {device} "
+                          f"({dtype}); using the two-kernel path instead (please report this)", stacklevel=2)
+        _GEMV_VERIFIED[key] = ok
+    return _GEMV_VERIFIED[key]
+
+
 def ternary_gemv(x2, packed, weight_scale, *, out_dtype, bias=None, col_map=None, return_acc=False, config=None):
     """y (1, N) for one token x2 (1, K): activation quantization and 2-bit matmul in one launch (see _gemv_fn).
     config (BLOCK_N, BLOCK_K, num_warps, num_stages) bypasses the tuning."""
@@ -472,7 +477,7 @@ def ternary_linear_triton(
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if config is None and gemv_applies(x2, packed):  # decode at batch 1: one launch
+    if config is None and gemv_applies(x2, packed) and gemv_verified(x2.device, x2.dtype):  # batch-1 decode
         y = ternary_gemv(x2, packed, weight_scale, out_dtype=x.dtype, bias=bias, col_map=col_map,
                          return_acc=return_acc)
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -29,6 +29,7 @@ import math
 import torch
 
 from posttrain.errors import PosttrainError
+from posttrain.ternary.pack import unpack_ternary
 
 GRANULARITIES = ("tensor", "channel", "group")
 SCHEDULES = ("linear", "sigmoid", "none")
@@ -194,3 +195,29 @@ def lambda_at(step: int, warmup_steps: int, schedule: str = "linear") -> float:
     if schedule == "linear":
         return frac
     return 1.0 / (1.0 + math.exp(-12.0 * (frac - 0.5)))
+
+
+def ternary_linear_reference(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    return_acc: bool = False,
+) -> torch.Tensor:
+    """Pure-torch BitNet linear on packed weights: the semantics every kernel here must reproduce.
+
+    x (..., K) float; packed uint8 (N/4, K) in transformers' layout; weight_scale (1,) or (N,) = 1 / mean|W| (any
+    float dtype; its value is used as given). return_acc=True returns the exact integer accumulators (int32).
+    The integer product is taken in float64 (exact for these magnitudes, and available on CPU and CUDA).
+    """
+    codes = unpack_ternary(packed)  # int8 (N, K)
+    q, a = activation_codes(x)  # q float32 codes, a (..., 1) in x.dtype
+    acc = q.double() @ codes.double().t()
+    if return_acc:
+        return acc.to(torch.int32)
+    acc = acc.float()
+    if x.dtype == torch.bfloat16:
+        acc = acc.to(torch.bfloat16).float()
+    y = (acc / (weight_scale.float() * a.float())).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
