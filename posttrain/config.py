@@ -1,9 +1,9 @@
 """Typed run configuration: the dataclasses below ARE the schema.
 
 A YAML file plus dotted command-line overrides (``train.learning_rate=1e-4``) are merged, then converted
-strictly into these dataclasses (posttrain.strict_config): an unknown key fails with its dotted path, its line in the file and a
-did-you-mean; a wrong type or an impossible value fails naming the key and what is allowed. Defaults live
-here and nowhere else. ``posttrain validate`` prints the resolved result.
+strictly into these dataclasses (posttrain.strict_config): an unknown key fails with its dotted path, its line
+in the file and a did-you-mean; a wrong type or an impossible value fails naming the key and what is allowed.
+Defaults live here and nowhere else. ``posttrain validate`` prints the resolved result.
 """
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ class TrainConfig:
     gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on only when the step would not fit in memory
     optim: Literal["auto", "adamw_torch", "adamw_torch_fused"] = "auto"  # auto: fused AdamW (CUDA and CPU)
     liger_kernels: bool | Literal["auto"] = "auto"  # auto: on when liger-kernel is installed and a CUDA GPU is used
+    compile: bool = False  # torch.compile each decoder layer: fewer kernel launches (see posttrain.regional_compile)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, fp32 on CPU
     seed: int = 42
     logging_steps: int = 10

@@ -227,11 +227,14 @@ def sft_inputs(cfg, model, tokenizer, train_set, eval_set) -> SFTInputs:
     (printed), and evaluation left unpacked so eval_loss means what it means without packing."""
     from datasets import Dataset
 
+    from posttrain.regional_compile import compile_decoder_layers
     from posttrain.speed import plan_sft
 
     packed = pack_examples(train_set.examples, cfg.train.max_length, cfg.train.seed) if cfg.train.packing else None
     plan = plan_sft(cfg, model, train_set.examples, packed)
     plan.report()
+    if plan.compile_layers:
+        compile_decoder_layers(model)
     return SFTInputs(
         plan=plan,
         train_dataset=Dataset.from_list(packed.rows if packed else train_set.examples),

@@ -11,6 +11,7 @@
   for-loop AdamW on 2 cores).
 - Liger kernels [train.liger_kernels]: on when liger-kernel is installed (`pip install 'posttrain[speed]'`)
   and a CUDA GPU trains.
+- torch.compile per decoder layer [train.compile]: opt-in (posttrain.regional_compile), off until measured on a GPU.
 - DPO's reference pass [dpo.precompute_ref]: REFERENCE_BATCH_FACTOR x the training micro-batch per forward: it
   keeps no gradients or activations, and each forward has fixed launch, sync and host costs (H200, Qwen2.5-0.5B
   shape, 400 pairs: 8 pairs per forward 4.0 s, 32: 2.7 s, 64: 2.3 s); halved while one layer's activations
@@ -51,6 +52,7 @@ class SpeedPlan:
     optim: str
     liger_kernels: bool
     lines: list[str] = field(default_factory=list)
+    compile_layers: bool = False  # torch.compile per decoder layer (posttrain.regional_compile)
     reference_batch_size: int | None = None  # DPO with precompute_ref: pairs per forward of the reference pass
 
     def trainer_kwargs(self) -> dict:
@@ -223,11 +225,13 @@ def plan(train, model, rows_per_step: int, tokens_per_row: int, unit: str, budge
              f"activation checkpointing {'on' if checkpointing else 'off'}: {why}; est. {estimate:.1f} GiB of "
              f"{free / GIB:.1f} GiB {where} [train.gradient_checkpointing]",
              f"optimizer {optim}: {optim_why} [train.optim]",
-             f"Liger kernels {'on' if liger else 'off'}: {liger_why} [train.liger_kernels]"]
+             f"Liger kernels {'on' if liger else 'off'}: {liger_why} [train.liger_kernels]",
+             f"torch.compile per decoder layer {'on (the first step compiles one layer)' if train.compile else 'off'}"
+             " [train.compile]"]
     if not fits(micro, checkpointing):
         lines.append(f"WARNING: est. {estimate:.1f} GiB may not fit in {free / GIB:.1f} GiB; lower "
                      "train.batch_size or train.max_length, or set train.gradient_checkpointing: true")
-    return SpeedPlan(micro, accum, checkpointing, optim, liger, lines)
+    return SpeedPlan(micro, accum, checkpointing, optim, liger, lines, compile_layers=train.compile)
 
 
 def world_size() -> int:

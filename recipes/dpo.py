@@ -31,6 +31,7 @@ from posttrain.outputs import finish_run, prepare_run_dir
 from posttrain.packing import PaddingFreePreferenceCollator, flat_rows_needed, prepare_model
 from posttrain.preference import preference_examples
 from posttrain.ranks import on_main_then_shared
+from posttrain.regional_compile import compile_decoder_layers
 from posttrain.speed import fastest_attention, plan_dpo
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
 
@@ -69,6 +70,8 @@ def main(cfg: Config, resume: bool = False) -> dict:
     # 4. Speed: micro-batch, accumulation, checkpointing, optimizer and kernels for this machine, each printed.
     plan = plan_dpo(cfg, model, train_pairs, reference_in_memory=not cfg.dpo.precompute_ref)
     plan.report()
+    if plan.compile_layers:
+        compile_decoder_layers(model)  # the reference pass and training both run the compiled layers
 
     # 5. Train. TRL computes whatever the cache lacked during construction; store it for the next run.
     history = LossHistory()

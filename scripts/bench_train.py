@@ -288,7 +288,7 @@ def device_flags() -> dict:
 # posttrain_liger: liger-kernel importable in that variant only, from $BENCH_LIGER_PATH (a pip --target folder), so
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
-         "posttrain_liger": ["train.liger_kernels=true"]}
+         "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"]}
 
 
 def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) -> tuple[dict, object]:

@@ -132,3 +132,20 @@ def test_merge_never_replaces_a_folder_without_overwrite(tmp_path):
     assert main(["merge", str(tmp_path / "lora"), "--out", str(target)]) == 2
     assert (target / "notes.txt").read_text() == "keep me"
     assert main(["merge", str(tmp_path / "lora"), "--out", str(target), "--overwrite"]) == 0
+
+
+def test_compiled_layers_train_like_eager_and_save_the_same_names(tmp_path):
+    """train.compile: the decoder layers compiled (dynamic shapes: packed rows vary in length) give the eager
+    run's losses, and the saved checkpoint has the eager model's parameter names (plain transformers loads it)."""
+    eager_out, compiled_out = tmp_path / "eager", tmp_path / "compiled"
+    _, eager = run_tiny("sft", eager_out, "train.max_steps=6", "train.logging_steps=1")
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    _, compiled = run_tiny("sft", compiled_out, "train.max_steps=6", "train.logging_steps=1", "train.compile=true")
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not silently run eagerly
+    assert compiled["speed"]["compile_layers"] is True and eager["speed"]["compile_layers"] is False
+    losses = [loss for _, loss in eager["train_loss_history"]]
+    assert [loss for _, loss in compiled["train_loss_history"]] == pytest.approx(losses, rel=1e-4, abs=1e-4)
+    a, b = (AutoModelForCausalLM.from_pretrained(out).state_dict() for out in (eager_out, compiled_out))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
