@@ -118,15 +118,18 @@ def test_triton_kernels_compile_for_nvidia_gpus(arch):
         compiled = _compile_for(arch, kernels["mm"], types, {**flags, **config.kwargs},
                                 {"num_warps": config.num_warps, "num_stages": config.num_stages})
         assert compiled.asm.get("cubin"), config
-    for i, (block_n, block_k, warps, stages) in enumerate(kernel.GEMV_CONFIGS):  # decode: dp4a inline PTX
+    from posttrain.ternary import gemv
+
+    for i, (block_n, block_k, warps, stages, acc_2d) in enumerate(gemv.GEMV_CONFIGS):  # one token: dp4a PTX
         out = ("bf16", "fp32")[i % 2]
         flags = {"HAS_MAP": i % 2 == 1, "HAS_BIAS": i % 4 < 2, "INT_OUT": i == 0, "ROUND_BF16": out == "bf16",
                  "IS_BF16": out == "bf16", "USE_DP4A": True}
         types = {"x_ptr": f"*{out}", "w_ptr": "*u8", "ws_ptr": "*fp32", "b_ptr": f"*{out}",
                  "y_ptr": "*i32" if flags["INT_OUT"] else f"*{out}", "base_ptr": "*i32", "step_ptr": "*i32",
                  "R": "i32", "K": "i32", "stride_wr": "i32"}
-        compiled = _compile_for(arch, kernels["gemv"], types,
-                                {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k, "QUANT_BLOCK": 4096},
+        compiled = _compile_for(arch, gemv._kernels()["gemv"], types,
+                                {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k, "QUANT_BLOCK": 4096,
+                                 "ACC_2D": acc_2d},
                                 {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
         assert "dp4a" in compiled.asm["ptx"] and compiled.asm.get("cubin")
 
@@ -264,14 +267,20 @@ def test_interpreted_fused_groups(triton_interpret, tokens):
     assert all(torch.equal(a, b) for a, b in zip(alone, outs))
 
 
+@pytest.mark.parametrize("acc_2d", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interpreted_gemv_exact(triton_interpret, dtype, monkeypatch):
-    """One token takes the fused one-launch GEMV (32-bit words, byte dot products): exact against the reference,
-    with K not a multiple of the K block, with and without bias; K % 4 != 0 falls back to the two-kernel path."""
+def test_interpreted_gemv_exact(triton_interpret, dtype, acc_2d, monkeypatch):
+    """One token takes the fused one-launch kernel (32-bit words, byte dot products), in both accumulator layouts:
+    exact against the reference, with K not a multiple of the K block, with and without bias; K % 4 != 0 falls
+    back to the two-kernel path."""
+    from posttrain.ternary import gemv
+
     kernel = triton_interpret
+    monkeypatch.setattr(gemv, "INTERPRET_GEMV_CONFIG", (16, 64, 4, 1, acc_2d))
+    monkeypatch.setattr(gemv, "_GEMV_TUNED", {})
     calls = []
-    original = kernel.ternary_gemv
-    monkeypatch.setattr(kernel, "ternary_gemv", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = gemv.ternary_gemv
+    monkeypatch.setattr(gemv, "ternary_gemv", lambda *a, **k: calls.append(k["config"]) or original(*a, **k))
     for K, N, seed in ((200, 64, 3), (1028, 32, 4), (96, 128, 5)):
         packed, ws, bias = random_layer(K, N, seed=seed, dtype=dtype)
         x = activations(1, K, seed=seed, dtype=dtype)
@@ -280,11 +289,13 @@ def test_interpreted_gemv_exact(triton_interpret, dtype, monkeypatch):
         for b in (None, bias):
             y = kernel.ternary_linear_triton(x, packed, scales(ws, N), b)
             assert y.dtype == dtype and torch.equal(y, ternary_linear_reference(x, packed, ws, b)), K
-    assert len(calls) == 9
+    assert calls == [(16, 64, 4, 1, acc_2d)] * 9
     packed, ws, _ = random_layer(98, 32, seed=6, dtype=dtype)  # K % 4 != 0: words would straddle rows
     x = activations(1, 98, seed=6, dtype=dtype)
     assert torch.equal(kernel.ternary_linear_triton(x, packed, scales(ws, 32)), ternary_linear_reference(x, packed, ws))
     assert len(calls) == 9
+    with pytest.raises(ValueError, match="K % 4 == 0"):
+        gemv.ternary_gemv(x, packed, scales(ws, 32), out_dtype=dtype, config=gemv.INTERPRET_GEMV_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -342,21 +353,27 @@ def test_load_fast_ternary_refuses_dense_checkpoints(tiny_model_dir):
         load_fast_ternary(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
 
 
-def test_gemv_self_check_turns_a_wrong_kernel_off(monkeypatch):
-    """On first use per device the one-token kernel is checked against the reference; a wrong result (e.g. a GPU
-    whose dp4a path misbehaves) turns it off with a warning instead of returning wrong outputs."""
-    from posttrain.ternary import kernel
+def test_gemv_self_check_drops_wrong_or_failing_configs(monkeypatch):
+    """On first use per device and dtype every one-token configuration is checked against the reference: one
+    that disagrees (e.g. a GPU whose dp4a path misbehaves) or raises is dropped with a warning; with none left the
+    one-token path is off (ready_config returns None: the two-kernel path serves single tokens)."""
+    from posttrain.ternary import gemv
 
-    monkeypatch.setattr(kernel, "_interpret", lambda: False)
-    monkeypatch.setattr(kernel, "_GEMV_VERIFIED", {})
+    monkeypatch.setattr(gemv, "_interpret", lambda: False)
+    monkeypatch.setattr(gemv, "_GEMV_GOOD", {})
 
-    def right(x, packed, scales, *, out_dtype, return_acc, config):
-        ws = scales[:1].to(out_dtype)
-        return ternary_linear_reference(x, packed, ws, return_acc=return_acc)
+    def reference(x, packed, scales, *, out_dtype, config, **_):
+        if config == gemv.GEMV_CONFIGS[1]:
+            raise RuntimeError("out of registers")
+        y = ternary_linear_reference(x, packed, scales[:1].to(out_dtype))
+        return y + 1 if config == gemv.GEMV_CONFIGS[2] else y
 
-    monkeypatch.setattr(kernel, "ternary_gemv", right)
-    assert kernel.gemv_verified(torch.device("cpu"), torch.float32)
-    monkeypatch.setattr(kernel, "ternary_gemv", lambda *a, **k: right(*a, **k) + 1)
-    with pytest.warns(UserWarning, match="disagrees with the reference"):
-        assert not kernel.gemv_verified(torch.device("cpu"), torch.bfloat16)
-    assert kernel._GEMV_VERIFIED == {("cpu", torch.float32): True, ("cpu", torch.bfloat16): False}
+    monkeypatch.setattr(gemv, "ternary_gemv", reference)
+    with pytest.warns(UserWarning, match="dropped"):
+        good = gemv.gemv_configs(torch.device("cpu"), torch.float32)
+    assert good == [c for i, c in enumerate(gemv.GEMV_CONFIGS) if i not in (1, 2)]
+    monkeypatch.setattr(gemv, "ternary_gemv", lambda *a, **k: reference(*a, **k) + 1)
+    with pytest.warns(UserWarning, match="two-kernel path"):
+        assert gemv.gemv_configs(torch.device("cpu"), torch.bfloat16) == []
+    x, packed = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(16, 64, dtype=torch.uint8)
+    assert gemv.ready_config(x, packed, torch.bfloat16, None, None, False) is None

@@ -7,7 +7,8 @@
 the BitNet layout, `weight_scale` (1,) = 1 / mean|W|, optional `bias` and `rms_norm`), and computes the same
 function (see kernel.ternary_linear_reference) on one of three backends, picked per call by `backend="auto"`:
 
-  "triton"  CUDA: kernel.py, int8 activations x 2-bit weights decoded in registers (tensor-core tl.dot).
+  "triton"  CUDA: one token: gemv.py (quantization fused, one launch, dp4a on 32-bit weight words); more: kernel.py
+            (int8 activations x 2-bit weights decoded in registers for tensor-core tl.dot).
             Memory: the packed weights only, 2 bits per weight (1/8 of bf16), plus an fp32 scale per output column.
   "cpu"     CPU, float32/bfloat16: cpu.py, one C call per layer (quantize + 2-bit matmul + scale) on the packed
             weights. Memory: the packed weights only (1/16 of an fp32 model's linear weights).

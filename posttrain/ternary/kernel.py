@@ -21,17 +21,17 @@ For bf16 inputs acc is rounded to bf16 before the division, as BitLinear's bf16 
 BitLinear's bit for bit; fp32 needs no rounding (|acc| <= 128 K < 2^24 for K < 131k); fp16 keeps the exact acc
 (BitLinear's fp16 F.linear would overflow past 65504).
 
-Kernels (two launches per layer, or per fused group):
+Kernels for 2 or more tokens (two launches per layer, or per fused group; one token: gemv.py, one launch):
   `_act_quant_fn`  one program per token: absmax pass, then q (int8), a (fp32) and sum(q) (int32). A cheap pre-pass
       (reads x once, writes 1 byte per element); fusing it into the matmul would make every program re-read and
-      re-quantize all of x (and, with tl.dot's 16-row minimum, 16 rows of it at m = 1). Rounding is a 1.5 * 2^23
+      re-quantize all of x (16 rows of it, tl.dot's minimum). Rounding is a 1.5 * 2^23
       add-subtract (exact round-half-even for |v| < 2^22), compiled with enable_fp_fusion=False so that x * a is
       rounded before the add, as in torch.
   `_ternary_mm_fn` C = q @ T^T with T decoded in registers from the packed tile: for each K step one (BK, BN)
       uint8 load feeds four int8 tl.dot calls (tensor cores), four int32 accumulators cover 4 * BN output columns;
-      epilogue: subtract sum(q), scale, optional bias, store. One kernel serves decode and prefill with two
-      autotuned config sets: m <= 16 (BLOCK_M = 16, the minimum of tl.dot; small BLOCK_N so that enough programs
-      stream the weights: decode is memory-bound, 2 bits per weight = 1/8 of bf16's bytes) and m > 16 (64..128-row
+      epilogue: subtract sum(q), scale, optional bias, store. One kernel serves batched decode and prefill with
+      two autotuned config sets: m <= 16 (BLOCK_M = 16, the minimum of tl.dot; small BLOCK_N so that enough
+      programs stream the weights) and m > 16 (64..128-row
       tiles, grouped program order for L2 reuse of the weight tiles).
 bf16 rounding is written out as integer round-to-nearest-even on the fp32 bits (the interpreter's own fp32 -> bf16
 cast does not round to nearest even; on the GPU both agree), so interpreter and GPU compute the same bits.
@@ -43,11 +43,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 
 import torch
 
-from posttrain.ternary.pack import pack_ternary
 from posttrain.ternary.quant import ternary_linear_reference  # noqa: F401 (the semantics; re-exported)
 
 # triton (the `kernels` extra) is imported on first use, not with posttrain: importing it fixes the interpreter mode
@@ -90,7 +88,7 @@ def _kernels() -> dict:
 
 
 def _build() -> dict:
-    kernels = {"act_quant": triton.jit(_act_quant_fn), "mm": triton.jit(_ternary_mm_fn), "gemv": triton.jit(_gemv_fn)}
+    kernels = {"act_quant": triton.jit(_act_quant_fn), "mm": triton.jit(_ternary_mm_fn)}
     if not _interpret():
         kernels["mm_small"] = triton.autotune(configs=_configs(small=True), key=["R", "K"])(kernels["mm"])
         kernels["mm_large"] = triton.autotune(configs=_configs(small=False), key=["R", "K", "M_BUCKET"])(kernels["mm"])
@@ -204,105 +202,6 @@ def _ternary_mm_fn(q_ptr, a_ptr, s_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, s
             tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemv_fn(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, step_ptr, R, K, stride_wr,
-             HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr,
-             IS_BF16: tl.constexpr, USE_DP4A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             QUANT_BLOCK: tl.constexpr):  # fmt: skip
-    # One token (decode at batch 1), one launch: the activation quantization is fused (each program re-reads the
-    # token, which sits in L2), and the weights are read as 32-bit words, 16 codes each. Plane i of a word,
-    # (w >> 2i) & 0x03030303, holds the codes of 4 consecutive k in its 4 bytes: one dp4a (4-way byte dot product,
-    # accumulating) against the 4 matching int8 activations packed the same way. 3 ALU ops per 4 weight bytes and
-    # plane keep the kernel at memory speed where a multiply per code would be ALU-bound.
-    pid = tl.program_id(0)
-    offs = tl.arange(0, QUANT_BLOCK)
-    amax = tl.zeros((QUANT_BLOCK,), tl.float32)
-    for k0 in range(0, K, QUANT_BLOCK):
-        v = tl.load(x_ptr + k0 + offs, mask=offs < K - k0, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    t = tl.maximum(tl.max(amax, axis=0), 1e-5)
-    a = tl.math.div_rn(tl.full((), 1.0, tl.float32), t) * 127.0
-    if IS_BF16:  # as _act_quant_fn
-        u = a.to(tl.uint32, bitcast=True)
-        a = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    else:
-        a = a.to(x_ptr.dtype.element_ty).to(tl.float32)
-    WORDS: tl.constexpr = BLOCK_K // 4
-    rg = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = tl.arange(0, WORDS)
-    lane = tl.arange(0, 4)
-    w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32)) + rg.to(tl.int64)[:, None] * (stride_wr // 4) + rw[None, :]
-    acc0 = tl.zeros((BLOCK_N,), tl.int32)
-    acc1 = tl.zeros((BLOCK_N,), tl.int32)
-    acc2 = tl.zeros((BLOCK_N,), tl.int32)
-    acc3 = tl.zeros((BLOCK_N,), tl.int32)
-    qsum = tl.zeros((WORDS,), tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rw[:, None] * 4 + lane[None, :]  # (WORDS, 4): byte j of word w is k0 + 4w + j
-        v = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32) * a
-        r = (v + 12582912.0) - 12582912.0  # round half to even, as _act_quant_fn (no FMA: enable_fp_fusion off)
-        q = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int32)
-        qsum += tl.sum(q, axis=1)
-        qw = tl.sum((q & 0xFF) << (lane * 8)[None, :], axis=1)  # the 4 int8 codes of each word, packed
-        qw = tl.broadcast_to(qw[None, :], (BLOCK_N, WORDS))
-        p = tl.load(w_ptrs, mask=(rg < R)[:, None] & (rw < (K - k0) // 4)[None, :], other=0)
-        for plane in tl.static_range(4):
-            c = (p >> (2 * plane)) & 0x03030303
-            if USE_DP4A:
-                d = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r",
-                                              [c, qw, tl.zeros_like(qw)], dtype=tl.int32, is_pure=True, pack=1)
-            else:  # the same sum without the PTX instruction (the interpreter); the int8 bytes sign-extended
-                d = tl.zeros((BLOCK_N, WORDS), tl.int32)
-                for j in tl.static_range(4):
-                    qj = (((qw >> (8 * j)) & 0xFF) ^ 0x80) - 0x80
-                    d += ((c >> (8 * j)) & 0xFF).to(tl.int32) * qj
-            if plane == 0:
-                acc0 += tl.sum(d, axis=1)
-            elif plane == 1:
-                acc1 += tl.sum(d, axis=1)
-            elif plane == 2:
-                acc2 += tl.sum(d, axis=1)
-            else:
-                acc3 += tl.sum(d, axis=1)
-        w_ptrs += WORDS
-    s = tl.sum(qsum, axis=0)
-    row_ok = rg < R
-    if HAS_MAP:
-        col_base = tl.load(base_ptr + rg, mask=row_ok, other=0)
-        col_step = tl.load(step_ptr + rg, mask=row_ok, other=0)
-    else:
-        col_base = rg
-        col_step = R
-    for plane in tl.static_range(4):
-        if plane == 0:
-            acc = acc0
-        elif plane == 1:
-            acc = acc1
-        elif plane == 2:
-            acc = acc2
-        else:
-            acc = acc3
-        cols = col_base + plane * col_step
-        acc = acc - s
-        if INT_OUT:
-            tl.store(y_ptr + cols, acc, mask=row_ok)
-        else:  # as _ternary_mm_fn's epilogue
-            v = acc.to(tl.float32)
-            if ROUND_BF16:
-                u = v.to(tl.uint32, bitcast=True)
-                v = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            y = tl.math.div_rn(v, tl.load(ws_ptr + cols, mask=row_ok, other=1.0) * a)
-            if ROUND_BF16:
-                u = y.to(tl.uint32, bitcast=True)
-                y = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            if HAS_BIAS:
-                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-                y += tl.load(b_ptr + cols, mask=row_ok, other=0.0).to(tl.float32)
-                if ROUND_BF16:
-                    u = y.to(tl.uint32, bitcast=True)
-                    y = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=row_ok)
-
-
 def _configs(small: bool) -> list:
     """Autotune candidates. BLOCK_N counts packed rows (each yields 4 output columns)."""
     if small:  # decode: weight streaming; 16..64 packed rows x 128..512 bytes of K per step
@@ -316,86 +215,6 @@ def _configs(small: bool) -> list:
 
 
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 8}
-
-
-# Decode GEMV candidates (BLOCK_N packed rows, BLOCK_K bytes of K per step, warps, stages), tuned per shape on
-# first use with triton.testing.do_bench (its L2 flush makes the weights come from HBM, as in a real decode).
-# Tuned here rather than by triton.autotune: the autotuner's per-call key building costs ~10 us of Python on
-# every launch, which a one-token decode cannot hide.
-GEMV_CONFIGS = [(16, 256, 4, 2), (16, 512, 4, 2), (32, 256, 4, 2), (32, 512, 8, 2), (8, 512, 2, 2),
-                (8, 1024, 4, 2), (16, 1024, 8, 1), (64, 256, 8, 2)]
-INTERPRET_GEMV_CONFIG = (16, 64, 4, 1)
-_GEMV_TUNED: dict = {}
-
-
-def gemv_applies(x2: torch.Tensor, packed: torch.Tensor) -> bool:
-    """One token, weights readable as aligned 32-bit words (K % 4 == 0); POSTTRAIN_TERNARY_GEMV=0 turns it off."""
-    return (x2.shape[0] == 1 and x2.shape[1] % 4 == 0 and packed.stride(0) % 4 == 0 and packed.stride(1) == 1
-            and packed.data_ptr() % 4 == 0 and os.environ.get("POSTTRAIN_TERNARY_GEMV", "1") != "0")
-
-
-_GEMV_VERIFIED: dict = {}
-
-
-def gemv_verified(device: torch.device, dtype: torch.dtype) -> bool:
-    """Once per device and dtype: the one-token kernel against the reference on a random layer (integer
-    accumulators and outputs must be equal). On a mismatch it is turned off for this process with a warning and
-    the two-kernel path (act_quant + tensor-core matmul, measured exact on an H200) serves single tokens.
-    Runs eagerly on first use: make one eager call before capturing a CUDA graph (as for the tuning)."""
-    key = (str(device), dtype)
-    if key not in _GEMV_VERIFIED:
-        if _interpret():  # the interpreter runs the pure-Triton fallback, checked by the tests
-            _GEMV_VERIFIED[key] = True
-            return True
-        g = torch.Generator(device=device).manual_seed(0)
-        K, N = 1040, 256  # K: two full 512-byte blocks and a tail
-        packed = pack_ternary(torch.randint(-1, 2, (N, K), generator=g, device=device, dtype=torch.int8))
-        x = (torch.randn(1, K, generator=g, device=device) * 3).to(dtype)
-        ws = torch.full((1,), 37.0, device=device, dtype=dtype)
-        scales = ws.float().expand(N).contiguous()
-        run = lambda acc: ternary_gemv(x, packed, scales, out_dtype=dtype, return_acc=acc,  # noqa: E731
-                                       config=GEMV_CONFIGS[1])
-        ok = torch.equal(run(True), ternary_linear_reference(x, packed, ws, return_acc=True)) and torch.equal(
-            run(False), ternary_linear_reference(x, packed, ws))
-        if not ok:
-            warnings.warn(f"posttrain: the one-token ternary kernel disagrees with the reference on {device} "
-                          f"({dtype}); using the two-kernel path instead (please report this)", stacklevel=2)
-        _GEMV_VERIFIED[key] = ok
-    return _GEMV_VERIFIED[key]
-
-
-def ternary_gemv(x2, packed, weight_scale, *, out_dtype, bias=None, col_map=None, return_acc=False, config=None):
-    """y (1, N) for one token x2 (1, K): activation quantization and 2-bit matmul in one launch (see _gemv_fn).
-    config (BLOCK_N, BLOCK_K, num_warps, num_stages) bypasses the tuning."""
-    kernels = _kernels()
-    K, R = x2.shape[1], packed.shape[0]
-    y = torch.empty(1, 4 * R, dtype=torch.int32 if return_acc else out_dtype, device=x2.device)
-    base, step = col_map if col_map is not None else (packed, packed)
-    args = (x2, packed, weight_scale, bias if bias is not None else weight_scale, y, base, step, R, K, packed.stride(0))
-    flags = {"HAS_MAP": col_map is not None, "HAS_BIAS": bias is not None, "INT_OUT": return_acc,
-             "ROUND_BF16": out_dtype == torch.bfloat16, "IS_BF16": x2.dtype == torch.bfloat16,
-             "USE_DP4A": not _interpret()}
-    interpret = _interpret()
-    quant_block = min(max(triton.next_power_of_2(K), 16), 1024 if interpret else 4096)
-    extra = {} if interpret else {"enable_fp_fusion": False}  # x * a rounded before the rounding add, as torch
-
-    def launch(c):
-        kernels["gemv"][(triton.cdiv(R, c[0]),)](*args, **flags, BLOCK_N=c[0], BLOCK_K=c[1], QUANT_BLOCK=quant_block,
-                                                 num_warps=c[2], num_stages=c[3], **extra)
-
-    if config is None:
-        config = INTERPRET_GEMV_CONFIG if interpret else None
-    if config is None:
-        key = (R, K, x2.dtype, out_dtype, *flags.values())
-        config = _GEMV_TUNED.get(key)
-        if config is None:
-            from triton.testing import do_bench
-
-            config = min(GEMV_CONFIGS, key=lambda c: do_bench(lambda: launch(c), warmup=5, rep=25))
-            _GEMV_TUNED[key] = config
-    launch(config)
-    return y
-
 
 
 def act_quant(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -477,9 +296,13 @@ def ternary_linear_triton(
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if config is None and gemv_applies(x2, packed) and gemv_verified(x2.device, x2.dtype):  # batch-1 decode
-        y = ternary_gemv(x2, packed, weight_scale, out_dtype=x.dtype, bias=bias, col_map=col_map,
-                         return_acc=return_acc)
+    from posttrain.ternary import gemv
+
+    one_token = config is None and gemv.gemv_applies(x2, packed)
+    gemv_config = gemv.ready_config(x2, packed, x.dtype, bias, col_map, return_acc) if one_token else None
+    if gemv_config is not None:  # decode at batch 1: one launch (gemv.py)
+        y = gemv.ternary_gemv(x2, packed, weight_scale, out_dtype=x.dtype, config=gemv_config, bias=bias,
+                              col_map=col_map, return_acc=return_acc)
         return y.view(*x.shape[:-1], y.shape[-1])
     q, a, s = act_quant(x2)
     y = ternary_matmul(
