@@ -211,6 +211,12 @@ class Clock:
                 clock.tokens1, clock.steps = state.num_input_tokens_seen, state.global_step
                 clock.release()
 
+            def on_train_end(self, args, state, control, **kwargs):  # stopped before max_steps (a guard, say)
+                if not clock.lock and clock.wall0 is not None and state.global_step < state.max_steps:
+                    sync()
+                    now = time.perf_counter()
+                    clock.seconds, clock.all_seconds = now - clock.wall0, now - clock.start
+
         return _Callback()
 
     def result(self, batch: int) -> dict:
@@ -406,14 +412,11 @@ def run_variants(work: Path, mode: str, task: str, variants: list[str], lockstep
                    "--threads", str(threads)]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
-    if lockstep:
-        running = [(v, start(v)) for v in variants]
-        outputs = [(v, *p.communicate(), p.returncode) for v, p in running]
-    else:
-        outputs = [(v, *p.communicate(), p.returncode) for v, p in ((v, start(v)) for v in variants)]
+    running = [(v, start(v)) for v in variants] if lockstep else None
     results = []
-    for output in outputs:  # a generator above: sequential variants are parsed as each one ends
-        results.append(parse(task, *output))
+    for i, variant in enumerate(variants):  # sequential: each starts after the last one ended and was recorded
+        process = running[i][1] if running else start(variant)
+        results.append(parse(task, variant, *process.communicate(), process.returncode))
         if on_result:
             on_result(results[-1])
     return results
@@ -431,11 +434,11 @@ def parse(task: str, variant: str, stdout: str, stderr: str, returncode: int) ->
 
 
 def compare(results: list[dict], task: str) -> dict:
-    rows = {r["variant"]: r for r in results if r["task"] == task and "error" not in r}
+    rate = "tokens_per_s" if task == "sft" else "pairs_per_s"
+    rows = {r["variant"]: r for r in results if r["task"] == task and "error" not in r and r.get(rate)}
     ours, base = rows.get("posttrain"), rows.get("trl_defaults")
     if not (ours and base):
         return {}
-    rate = "tokens_per_s" if task == "sft" else "pairs_per_s"
     tuned = [r for name, r in rows.items() if name.startswith("trl_") and name != "trl_defaults"]
     out = {f"{rate}_vs_trl_defaults": ours[rate] / base[rate],
            "setup_vs_trl_defaults": ours["setup_s"] / base["setup_s"]}
