@@ -244,6 +244,9 @@ class Config:
             return [("output_dir", "is required: the folder the run writes")]
         if self.recipe == "ternary" and self.adapter is not None:
             return [("adapter", "must be absent for recipe: ternary (QAT trains the full weights)")]
+        if self.recipe == "ternary" and self.train.compile:
+            return [("train.compile", "is not supported for recipe: ternary (each lambda warm-up step would "
+                                      "recompile the layers); leave it false")]
         if self.recipe == "dpo" and self.train.tokens_per_step:
             return [("train.tokens_per_step", "is an SFT packing budget; a DPO step is batch_size x grad_accum pairs")]
         return []

@@ -77,11 +77,15 @@ def _model_hash_for_deepspeed_only(trainer):
     if original is None:  # a TRL without it: nothing to skip
         yield
         return
-    trl_dpo.hash_module = lambda module: original(module) if trainer.is_deepspeed_enabled else None
+    def hash_module(module):
+        return original(module) if trainer.is_deepspeed_enabled else None
+
+    trl_dpo.hash_module = hash_module
     try:
         yield
     finally:
-        trl_dpo.hash_module = original
+        if trl_dpo.hash_module is hash_module:  # another constructor's swap in between keeps its own restore
+            trl_dpo.hash_module = original
 
 
 class CachedReferenceDPOTrainer(DPOTrainer):

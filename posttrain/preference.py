@@ -82,6 +82,9 @@ def drop_identical(rows) -> None:
 # (the completion's end is cut); pairs whose prompt alone fills max_length are dropped.
 
 
+TOKENIZE_CHUNK = 2048  # rows per batched call: the fast tokenizer keeps every Encoding of a call until it returns
+
+
 def _full_ids(tokenizer, rows: list[dict]) -> list[tuple[list, list, list]]:
     """(prompt, prompt + chosen, prompt + rejected) token ids of each row, in a few batched tokenizer calls (one
     call per sequence costs ~0.1 ms of Python each, and a batch lets the Rust tokenizer use several threads)."""
@@ -121,7 +124,8 @@ def tokenize_pairs(tokenizer, rows, max_length: int) -> tuple[list[dict], dict]:
     if rows.format != "preference":
         raise PosttrainError(f"recipe dpo needs preference rows (prompt/chosen/rejected), got {rows.format!r} rows")
     examples, counts = [], {"pairs": len(rows.rows), "truncated": 0, "prompt_too_long": 0, **rows.dropped}
-    for ids in _full_ids(tokenizer, rows.rows):
+    chunks = (rows.rows[i : i + TOKENIZE_CHUNK] for i in range(0, len(rows.rows), TOKENIZE_CHUNK))
+    for ids in (ids for chunk in chunks for ids in _full_ids(tokenizer, chunk)):
         pair = _pair_ids(*ids)
         room = max_length - len(pair["prompt_ids"])
         if room <= 0:

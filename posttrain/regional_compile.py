@@ -4,12 +4,14 @@ Why: on a GPU, a step of a ~0.5B model on a few thousand tokens is likely host-b
 ~3,000 kernels per step for a 24-layer model (counted on the CPU: ~47 ops per layer forward, ~77 backward; RMSNorm,
 RoPE, SwiGLU and residuals are several small kernels each), and issuing them can take longer than the GPU takes to
 run them. Compiled, each layer is a few fused kernels. One layer's code serves every layer (parameters are graph
-inputs), so compilation costs one layer's forward and backward once, not the whole model's, and the compiled module
-keeps its parameter names (state dicts and checkpoints are unchanged).
+inputs), so compilation costs one layer's forward and backward, not the whole model's (once per mode: training,
+and again for evaluation or DPO's reference pass in eval mode), and the compiled module keeps its parameter names
+(state dicts and checkpoints are unchanged).
 
 Shapes are compiled dynamic from the start: packed rows vary in length from batch to batch, and a static graph per
-length would recompile again and again. A frame that fails to compile runs eagerly instead
-(torch._dynamo.config.suppress_errors): compilation can make a run faster, never stop it.
+length would recompile again and again. A frame that fails to compile runs eagerly instead: this sets
+torch._dynamo.config.suppress_errors for the whole process (torch logs each fallback), so compilation can make a
+run slower than hoped but never stops it. Tested: one process (CPU). Not yet run: FSDP, DeepSpeed, a GPU.
 
 Opt-in (train.compile: true) until it has been measured on a GPU: on an H200 the 0.5B shape's default SFT step (~4k
 tokens) took 136 ms where 8k-token steps took 109 ms (docs/BENCHMARKS.md): the small step's time does not follow its
@@ -31,11 +33,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 
 def compile_decoder_layers(model: nn.Module) -> int:
-    """Compile each decoder layer in place (nn.Module.compile: names and state dicts unchanged); how many."""
+    """Compile each decoder layer in place (nn.Module.compile: names and state dicts unchanged); prints and
+    returns how many."""
     layers = decoder_layers(model)
     if layers is None:
+        print("posttrain speed: WARNING: train.compile found no decoder layers (model.layers) in "
+              f"{type(model).__name__}; training eagerly")
         return 0
     torch._dynamo.config.suppress_errors = True  # a frame that cannot compile runs eagerly
     for layer in layers:
         layer.compile(dynamic=True)
+    print(f"posttrain speed: {len(layers)} decoder layers compiled (dynamic shapes; the first step compiles)")
     return len(layers)

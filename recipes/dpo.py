@@ -71,7 +71,7 @@ def main(cfg: Config, resume: bool = False) -> dict:
     plan = plan_dpo(cfg, model, train_pairs, reference_in_memory=not cfg.dpo.precompute_ref)
     plan.report()
     if plan.compile_layers:
-        compile_decoder_layers(model)  # the reference pass and training both run the compiled layers
+        compile_decoder_layers(model)  # the policy's layers (also the reference pass when it scores the policy)
 
     # 5. Train. TRL computes whatever the cache lacked during construction; store it for the next run.
     history = LossHistory()

@@ -85,6 +85,8 @@ def test_ternary_output_trains_further(qat_dir, tmp_path):
 def test_ternary_refuses_adapters_and_unknown_formats(tmp_path, tiny_sft_dir):
     with pytest.raises(PosttrainError, match="adapter must be absent for recipe: ternary"):
         load_config(CONFIGS / "tiny" / "ternary.yaml", ["adapter.method=lora"])
+    with pytest.raises(PosttrainError, match="train.compile is not supported for recipe: ternary"):
+        load_config(CONFIGS / "tiny" / "ternary.yaml", ["train.compile=true"])
     from posttrain.quantize import quantize
 
     with pytest.raises(PosttrainError, match="--format 'gguf-tq9' is not available"):
