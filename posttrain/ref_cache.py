@@ -13,7 +13,7 @@ The weights fingerprint of a local folder hashes its weight files' bytes (memoiz
 mtime, so a 1B model is hashed once); a hub model uses the commit hash of its snapshot in the local HF
 cache, or `name@revision` when it has not been downloaded yet. A file's digest is the sha256 of the sha256s of
 its 64 MiB blocks, hashed on several threads (hashlib and file reads release the GIL): a model's first run
-hashes 1 GB of weights in 0.1 s on 16 cores instead of the 0.8 s one thread takes (H200 host).
+hashes 1 GB of weights in 0.1 s on 16 cores instead of the 0.8 s one thread takes (a one-off timing on an H200 host).
 """
 
 from __future__ import annotations
