@@ -295,6 +295,7 @@ def device_flags() -> dict:
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
          "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"]}
+EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo")}  # the others: sft only
 
 
 def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) -> tuple[dict, object]:
@@ -481,7 +482,8 @@ def main() -> int:
                         help="torch threads per variant (default: 1 on CPU, where a busy machine makes two threads "
                              "wait for each other at every operation; the GPU mode leaves torch's default)")
     parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
-                        help="also run these SFT exploration variants (posttrain with one setting changed)")
+                        help="also run these exploration variants (posttrain with one setting changed; "
+                             "SFT, and DPO where EXTRA_TASKS says so)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -521,8 +523,10 @@ def main() -> int:
         run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
     if "dpo" in tasks:  # after the first run filled the reference cache
         run_variants(work, args.mode, "dpo", ["posttrain_warm"], False, threads, save)
-    if args.extra and "sft" in tasks:  # last: the comparisons above come first when time is short
-        run_variants(work, args.mode, "sft", args.extra, False, threads, save)
+    for task in tasks:  # last: the comparisons above come first when time is short
+        extra = [name for name in args.extra if task in EXTRA_TASKS.get(name, ("sft",))]
+        if extra:
+            run_variants(work, args.mode, task, extra, False, threads, save)
     print_table(results)
     report = save(final=True)
     print("\nratios (posttrain / TRL):\n" + json.dumps(report["ratios"], indent=2))
