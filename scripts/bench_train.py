@@ -44,6 +44,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -427,7 +428,9 @@ def parse(task: str, variant: str, stdout: str, stderr: str, returncode: int) ->
     lines = [line for line in stdout.splitlines() if line.startswith(MARK)]
     if returncode or not lines:
         print(stdout[-3000:], stderr[-3000:], file=sys.stderr)
-        return {"task": task, "variant": variant, "error": stderr.strip().splitlines()[-1:]}
+        lines = stderr.strip().splitlines()
+        errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line)]  # not a progress bar
+        return {"task": task, "variant": variant, "error": (errors or lines)[-1:]}
     result = json.loads(lines[-1][len(MARK):])
     print(f"  {task} {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)),
           flush=True)

@@ -4,7 +4,8 @@
 #   here, once:           ../shared/device/fetch-wheels.sh transformers==5.24.0     (fills .whl/, git-ignored)
 #                         and, for the posttrain_liger variant, a liger-kernel wheel in .whl/extra/
 #   on the GPU machine:   source .whl/setup.sh && bash scripts/device_benchmarks.sh [kernels] [e2e] [train]
-# With no arguments all three parts run. Limits (seconds) can be changed with LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN.
+# With no arguments all three parts run; limits (seconds) via LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN. A dry run of this
+# script on a CPU: TRAIN_MODE=smoke bash scripts/device_benchmarks.sh train
 # The first H200 run of the three parts took 332 s (kernels 31 s, e2e 42 s, train 244 s for 9 variants); train now
 # also runs the exploration variants (compile for sft and dpo, liger, 8k tokens per step) last, so a limit cuts
 # those first. Budget a whole call at ~8 minutes plus the machine's start, and keep device time for one rerun.
@@ -23,7 +24,7 @@ run_part() {  # name limit command...: the command's output goes to $OUT/name.lo
     grep -v -e "Warning" -e "warnings.warn" "$OUT/$name.log" | tail -n "${TAIL_LINES:-45}"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi"
 for part in $parts; do
     case $part in
         kernels) run_part ternary_kernels "${LIMIT_KERNELS:-120}" python3 scripts/bench_ternary.py --skip-e2e \
@@ -36,7 +37,7 @@ for part in $parts; do
                 python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \
                     && export BENCH_LIGER_PATH=/tmp/liger_site && extra="posttrain_compile posttrain_liger posttrain_8k"
             fi
-            run_part train "${LIMIT_TRAIN:-300}" python3 scripts/bench_train.py --mode gpu --extra $extra \
+            run_part train "${LIMIT_TRAIN:-300}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
                 --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac
