@@ -34,7 +34,8 @@ after 20 steps, as dpo_anchor.py does, to save device time: their rate and set-u
 held-out documents after the epoch (the same documents and tokens for every variant) and the mean training loss over
 the last quarter of the steps; DPO compares the losses step by step (same pairs in the same order). Prints a table
 and the ratios; writes bench_train.json to $OUT (or --out). CPU timings on a shared machine are indicative only.
-Exploration variants (--extra) add posttrain runs with one setting changed.
+Exploration variants (--extra) add posttrain runs with one setting changed, and posttrain_profile (the defaults
+under torch.profiler for 3 steps: GPU kernel time per step against the wall time says host- or GPU-bound).
 """
 
 from __future__ import annotations
@@ -235,7 +236,57 @@ def sync():
         torch.cuda.synchronize()
 
 
-def instrument(clock: Clock) -> dict:
+class StepProfile:
+    """posttrain_profile: torch.profiler over steps warmup+1 .. warmup+PROFILED_STEPS of posttrain's defaults. The
+    GPU's kernel time per step against the wall time per step (from the unprofiled posttrain run) says whether a
+    step is GPU-bound (they are close) or host-bound (kernels fill a fraction of the step), and which ops dominate."""
+
+    PROFILED_STEPS = 3
+
+    def __init__(self, warmup: int):
+        self.first, self.profiler, self.summary = warmup + 1, None, {}
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        profile = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step + 1 == profile.first:
+                    activities = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    profile.profiler = torch.profiler.profile(activities=activities)
+                    profile.profiler.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if profile.profiler is not None and state.global_step == profile.first + profile.PROFILED_STEPS - 1:
+                    profile.stop(profile.PROFILED_STEPS)
+
+            def on_train_end(self, args, state, control, **kwargs):  # a run shorter than the profiled steps
+                if profile.profiler is not None:
+                    profile.stop(state.global_step - profile.first + 1)
+
+        return _Callback()
+
+    def stop(self, steps: int) -> None:
+        sync()
+        self.profiler.__exit__(None, None, None)
+        self.summarize(self.profiler.key_averages(), max(1, steps))
+        self.profiler = None
+
+    def summarize(self, averages, steps: int) -> None:
+        device = sum(e.self_device_time_total for e in averages) / 1e3 / steps
+        top = sorted(averages, key=lambda e: e.self_device_time_total or e.self_cpu_time_total, reverse=True)[:12]
+        self.summary = {"profiled_steps": steps, "gpu_kernel_ms_per_step": device,
+                        "ops_per_step": sum(e.count for e in averages) / steps,
+                        "top_ops_ms_per_step": {e.key: round((e.self_device_time_total or e.self_cpu_time_total)
+                                                             / 1e3 / steps, 3) for e in top}}
+
+
+def instrument(clock: Clock, extra_callbacks=()) -> dict:
     """Every Trainer.train() in this process gets the clock and notes when it starts (the end of set-up)."""
     from transformers import Trainer
 
@@ -243,6 +294,8 @@ def instrument(clock: Clock) -> dict:
 
     def train(self, *args, **kwargs):
         self.add_callback(clock.callback())
+        for callback in extra_callbacks:
+            self.add_callback(callback)
         marks["train_start"] = clock.start = time.perf_counter()
         return original(self, *args, **kwargs)
 
@@ -295,8 +348,10 @@ def device_flags() -> dict:
 # posttrain_liger: liger-kernel importable in that variant only, from $BENCH_LIGER_PATH (a pip --target folder), so
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
-         "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"]}
-EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo")}  # the others: sft only
+         "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"],
+         "posttrain_profile": []}  # posttrain's defaults under torch.profiler (StepProfile)
+EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
+               "posttrain_profile": ("sft", "dpo")}  # the others: sft only
 
 
 def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) -> tuple[dict, object]:
@@ -374,7 +429,8 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock = Clock(size["warmup"], os.environ.get("BENCH_LOCK"))
-    marks = instrument(clock)
+    profile = StepProfile(size["warmup"]) if variant == "posttrain_profile" else None
+    marks = instrument(clock, [profile.callback()] if profile else [])
     os.environ["POSTTRAIN_CACHE"] = str(work / "cache")  # cold reference cache: its pass counts as set-up
     clock.hold()  # set-up takes a turn too (held until the first step ends)
     start = time.perf_counter()
@@ -385,6 +441,8 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
         out = posttrain_run(work, size, task, EXTRA.get(variant, ()))[0] if ours else trl_dpo(work, size, variant)
     result = {"task": task, "variant": variant, "setup_s": marks["train_start"] - start, **clock.result(BATCH),
               **peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
+    if profile:
+        result["profile"] = profile.summary
     if task == "sft":
         from transformers import AutoModelForCausalLM
 

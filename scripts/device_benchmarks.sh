@@ -7,7 +7,8 @@
 # With no arguments all three parts run; limits (seconds) via LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN. A dry run of this
 # script on a CPU: TRAIN_MODE=smoke bash scripts/device_benchmarks.sh train
 # The first H200 run of the three parts took 332 s (kernels 31 s, e2e 42 s, train 244 s for 9 variants); train now
-# also runs the exploration variants (compile for sft and dpo, liger, 8k tokens per step) last, so a limit cuts
+# also runs the exploration variants (a profiled default run and compile for sft and dpo, liger, 8k tokens per
+# step) last, so a limit cuts
 # those first. Budget a whole call at ~8 minutes plus the machine's start, and keep device time for one rerun.
 set -u
 OUT=${OUT:-/tmp/posttrain-bench}
@@ -32,10 +33,10 @@ for part in $parts; do
         e2e) run_part ternary_e2e "${LIMIT_E2E:-80}" python3 scripts/bench_ternary.py --skip-kernels \
                  --json "$OUT/ternary_e2e.json" ;;
         train)
-            extra="posttrain_compile posttrain_8k"
+            extra="posttrain_profile posttrain_compile posttrain_8k"
             if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
                 python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \
-                    && export BENCH_LIGER_PATH=/tmp/liger_site && extra="posttrain_compile posttrain_liger posttrain_8k"
+                    && export BENCH_LIGER_PATH=/tmp/liger_site && extra="posttrain_profile posttrain_compile posttrain_liger posttrain_8k"
             fi
             run_part train "${LIMIT_TRAIN:-300}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
                 --out "$OUT/train" ;;
