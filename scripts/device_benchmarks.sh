@@ -8,7 +8,8 @@
 # script on a CPU: TRAIN_MODE=smoke bash scripts/device_benchmarks.sh train
 # The first H200 run of the three parts took 332 s (kernels 31 s, e2e 42 s, train 244 s for 9 variants); train now
 # also runs the exploration variants (a profiled default run and compile for sft and dpo, liger, 8k tokens per
-# step) last, so a limit cuts those first. Budget a whole call at ~8 minutes plus the machine's start, and keep device time for one rerun.
+# step) last, so a limit cuts those first. Budget a whole call at ~8 minutes plus the machine's start, and keep
+# device time for one rerun. Helpers (subagents) must not call the device tools: they share the session's budget.
 set -u
 OUT=${OUT:-/tmp/posttrain-bench}
 mkdir -p "$OUT"
