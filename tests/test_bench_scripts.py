@@ -32,3 +32,25 @@ def test_static_cache_decode_equals_generate():
             expected = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
         _, tokens = bench.graph_decode(model, ids, 12, capture=False)
         assert torch.equal(tokens, expected)
+
+
+def test_kernel_row_checks_and_times_on_the_cpu():
+    """bench_ternary's per-shape row: the kernel is checked against the reference before anything is timed."""
+    bench = load_script("bench_ternary")
+    row = bench.kernel_row(256, 768, 1, "cpu", torch.float32)
+    assert "error" not in row and row["acc_exact"] and row["max_abs_diff"] == 0.0
+    assert row["ternary_us"] > 0 and row["dense_us"] > 0 and row["x_vs_dense"] > 0
+
+
+def test_compare_skips_variants_without_a_rate():
+    """bench_train's ratios: a variant that measured no step (None rate) or failed is left out, not a crash."""
+    bench = load_script("bench_train")
+    row = {"task": "sft", "setup_s": 1.0, "all_steps_s": 2.0, "steps": 4, "held_out_loss": 2.0, "late_train_loss": 2.0}
+    results = [{**row, "variant": "posttrain", "tokens_per_s": 300.0},
+               {**row, "variant": "trl_defaults", "tokens_per_s": 100.0},
+               {**row, "variant": "trl_no_ckpt", "tokens_per_s": None},
+               {"task": "sft", "variant": "trl_packed", "error": ["RuntimeError: x"]}]
+    ratios = bench.compare(results, "sft")
+    assert ratios["tokens_per_s_vs_trl_defaults"] == 3.0
+    assert not any("best_trl_tuned" in key for key in ratios)
+    assert bench.compare(results[1:], "sft") == {}
