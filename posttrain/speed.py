@@ -14,8 +14,8 @@
 - torch.compile per decoder layer [train.compile]: opt-in (posttrain.regional_compile), off until measured on a GPU.
 - DPO's reference pass [dpo.precompute_ref]: REFERENCE_BATCH_FACTOR x the training micro-batch per forward: it
   keeps no gradients or activations, and each forward has fixed launch, sync and host costs (a one-off timing
-  on an H200, Qwen2.5-0.5B shape, 400 pairs: 8 pairs per forward 4.0 s, 32: 2.7 s, 64: 2.3 s); halved while one layer's activations
-  would not fit.
+  on an H200, Qwen2.5-0.5B shape, 400 pairs: 8 pairs per forward 4.0 s, 32: 2.7 s, 64: 2.3 s); halved while one
+  layer's activations would not fit.
 
 The memory estimate is deliberately simple, so that each decision can be explained in one line: weights (unless
 already resident) + gradients and two AdamW moments of the trainable parameters + activations, which are about

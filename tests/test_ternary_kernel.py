@@ -279,8 +279,8 @@ def test_interpreted_gemv_exact(triton_interpret, dtype, acc_2d, monkeypatch):
     monkeypatch.setattr(gemv, "INTERPRET_GEMV_CONFIG", (16, 64, 4, 1, acc_2d))
     monkeypatch.setattr(gemv, "_GEMV_TUNED", {})
     calls = []
-    original = gemv.ternary_gemv
-    monkeypatch.setattr(gemv, "ternary_gemv", lambda *a, **k: calls.append(k["config"]) or original(*a, **k))
+    original = gemv.launch
+    monkeypatch.setattr(gemv, "launch", lambda *a, **k: calls.append(k["config"]) or original(*a, **k))
     for K, N, seed in ((200, 64, 3), (1028, 32, 4), (96, 128, 5)):
         packed, ws, bias = random_layer(K, N, seed=seed, dtype=dtype)
         x = activations(1, K, seed=seed, dtype=dtype)

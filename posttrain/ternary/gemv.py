@@ -195,7 +195,7 @@ def gemv_configs(device: torch.device, dtype: torch.dtype) -> list:
     random layer with a K tail). A candidate that fails to compile or disagrees is dropped; if none is left the
     one-token kernel is off for this process (with a warning) and the two-kernel path (act_quant + tensor-core
     matmul, measured exact on an H200) serves single tokens."""
-    key = (str(device), dtype)
+    key = (torch.device(device), dtype)
     if key not in _GEMV_GOOD:
         if _interpret():  # the interpreter runs the pure-Triton sums, checked by the tests
             _GEMV_GOOD[key] = [INTERPRET_GEMV_CONFIG]
@@ -226,7 +226,7 @@ def gemv_configs(device: torch.device, dtype: torch.dtype) -> list:
 def ready_config(x2, packed, out_dtype, bias, col_map, return_acc) -> tuple | None:
     """The config for this call, checking and tuning on first use; None: use the two-kernel path. Nothing that
     synchronizes runs while a CUDA graph is being captured (then an unchecked or untuned case falls back)."""
-    key = (str(x2.device), x2.dtype, out_dtype, packed.shape, col_map is not None, bias is not None, return_acc)
+    key = (x2.device, x2.dtype, out_dtype, packed.shape, col_map is not None, bias is not None, return_acc)
     config = _GEMV_TUNED.get(key)
     if config is not None or _interpret():
         return config or INTERPRET_GEMV_CONFIG
@@ -255,9 +255,15 @@ def ready_config(x2, packed, out_dtype, bias, col_map, return_acc) -> tuple | No
 def ternary_gemv(x2, packed, weight_scale, *, out_dtype, config, bias=None, col_map=None, return_acc=False, out=None):
     """y (1, N) for one token x2 (1, K): activation quantization and 2-bit matmul in one launch (see _gemv_fn);
     config = (BLOCK_N, BLOCK_K, num_warps, num_stages, ACC_2D)."""
-    K, R = x2.shape[1], packed.shape[0]
-    if not gemv_applies(x2, packed) or weight_scale.numel() != 4 * R:
+    if not gemv_applies(x2, packed) or weight_scale.numel() != 4 * packed.shape[0]:
         raise ValueError("ternary_gemv needs one token, K % 4 == 0, 4-byte aligned rows and one scale per column")
+    return launch(x2, packed, weight_scale, out_dtype=out_dtype, config=config, bias=bias, col_map=col_map,
+                  return_acc=return_acc, out=out)
+
+
+def launch(x2, packed, weight_scale, *, out_dtype, config, bias=None, col_map=None, return_acc=False, out=None):
+    """ternary_gemv without its argument checks, for callers that ran gemv_applies (the per-token decode path)."""
+    K, R = x2.shape[1], packed.shape[0]
     kernels = _kernels()
     y = out if out is not None else torch.empty(1, 4 * R, dtype=torch.int32 if return_acc else out_dtype,
                                                 device=x2.device)

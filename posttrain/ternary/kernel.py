@@ -301,8 +301,8 @@ def ternary_linear_triton(
     one_token = config is None and gemv.gemv_applies(x2, packed)
     gemv_config = gemv.ready_config(x2, packed, x.dtype, bias, col_map, return_acc) if one_token else None
     if gemv_config is not None:  # decode at batch 1: one launch (gemv.py)
-        y = gemv.ternary_gemv(x2, packed, weight_scale, out_dtype=x.dtype, config=gemv_config, bias=bias,
-                              col_map=col_map, return_acc=return_acc)
+        y = gemv.launch(x2, packed, weight_scale, out_dtype=x.dtype, config=gemv_config, bias=bias,
+                        col_map=col_map, return_acc=return_acc)  # gemv_applies checked it above
         return y.view(*x.shape[:-1], y.shape[-1])
     q, a, s = act_quant(x2)
     y = ternary_matmul(
