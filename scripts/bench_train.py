@@ -545,6 +545,10 @@ def main() -> int:
     parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
                         help="also run these exploration variants (posttrain with one setting changed; "
                              "SFT, and DPO where EXTRA_TASKS says so)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="run only these of the standard variants (posttrain, trl_defaults, trl_no_ckpt, "
+                             "trl_packed, posttrain_warm; default: all), e.g. to spend a short GPU call on what "
+                             "matters; the ratios need posttrain and trl_defaults")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -563,7 +567,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     build(work, SIZES[args.mode])
     plan = {"sft": ["posttrain", "trl_defaults", "trl_no_ckpt", "trl_packed"],
-            "dpo": ["posttrain", "trl_defaults", "trl_no_ckpt"]}
+            "dpo": ["posttrain", "trl_defaults", "trl_no_ckpt"], "dpo_warm": ["posttrain_warm"]}
+    if args.variants is not None:
+        known = {v for variants in plan.values() for v in variants}
+        if unknown := sorted(set(args.variants) - known):
+            parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
+        plan = {task: [v for v in variants if v in args.variants] for task, variants in plan.items()}
     tasks = ["sft", "dpo"] if args.task == "all" else [args.task]
     print(f"bench_train: mode {args.mode}, work dir {work}", flush=True)
     lockstep = args.mode != "gpu" if args.lockstep == "auto" else args.lockstep == "on"
@@ -581,9 +590,10 @@ def main() -> int:
         return report
 
     for task in tasks:
-        run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
-    if "dpo" in tasks:  # after the first run filled the reference cache
-        run_variants(work, args.mode, "dpo", ["posttrain_warm"], False, threads, save)
+        if plan[task]:
+            run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
+    if "dpo" in tasks and plan["dpo_warm"]:  # after the first run filled the reference cache
+        run_variants(work, args.mode, "dpo", plan["dpo_warm"], False, threads, save)
     for task in tasks:  # last: the comparisons above come first when time is short
         extra = [name for name in args.extra if task in EXTRA_TASKS.get(name, ("sft",))]
         if extra:

@@ -33,13 +33,16 @@ for part in $parts; do
         e2e) run_part ternary_e2e "${LIMIT_E2E:-80}" python3 scripts/bench_ternary.py --skip-kernels \
                  --json "$OUT/ternary_e2e.json" ;;
         train)
-            extra="posttrain_profile posttrain_compile posttrain_8k"
+            # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure
+            extra=${TRAIN_EXTRA:-posttrain_profile posttrain_compile posttrain_liger posttrain_8k}
             if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
                 python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \
-                    && export BENCH_LIGER_PATH=/tmp/liger_site && extra="posttrain_profile posttrain_compile posttrain_liger posttrain_8k"
+                    && export BENCH_LIGER_PATH=/tmp/liger_site
+            else
+                extra=${extra//posttrain_liger/}
             fi
             run_part train "${LIMIT_TRAIN:-300}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
-                --out "$OUT/train" ;;
+                ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac
 done
