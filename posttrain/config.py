@@ -130,7 +130,7 @@ class TrainConfig:
     gradient_checkpointing: bool | Literal["auto"] = "auto"  # auto: on only when the step would not fit in memory
     optim: Literal["auto", "adamw_torch", "adamw_torch_fused"] = "auto"  # auto: fused AdamW (CUDA and CPU)
     liger_kernels: bool | Literal["auto"] = "auto"  # auto: on when liger-kernel is installed and a CUDA GPU is used
-    compile: bool | Literal["auto"] = "auto"  # torch.compile per decoder layer; auto: sft/LoRA on CUDA, not dpo/QLoRA
+    compile: bool = False  # torch.compile each decoder layer: fewer kernel launches (see posttrain.regional_compile)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on a bf16 GPU, fp32 on CPU
     seed: int = 42
     logging_steps: int = 10
@@ -244,7 +244,7 @@ class Config:
             return [("output_dir", "is required: the folder the run writes")]
         if self.recipe == "ternary" and self.adapter is not None:
             return [("adapter", "must be absent for recipe: ternary (QAT trains the full weights)")]
-        if self.recipe == "ternary" and self.train.compile is True:
+        if self.recipe == "ternary" and self.train.compile:
             return [("train.compile", "is not supported for recipe: ternary (each lambda warm-up step would "
                                       "recompile the layers); leave it false")]
         if self.recipe == "dpo" and self.train.tokens_per_step:

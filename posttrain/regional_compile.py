@@ -13,11 +13,10 @@ length would recompile again and again. A frame that fails to compile runs eager
 torch._dynamo.config.suppress_errors for the whole process (torch logs each fallback), so compilation can make a
 run slower than hoped but never stops it. Tested: one process (CPU). Not yet run: FSDP, DeepSpeed, a GPU.
 
-On by default (train.compile: auto) for sft, full and LoRA, on a CUDA GPU: on an H200, Qwen2.5-0.5B shape, ~4k
-tokens per step, it measured 44.0k real tokens/s against 22.9k eager, with the same losses and a lower peak (8.1
-vs 9.6 GiB); the first steps pay ~13 s of compilation (docs/BENCHMARKS.md). Off by default for dpo, where the same
-run measured it slower (27.3 vs 34.9 pairs/s, not yet understood), for QLoRA (unmeasured), ternary (refused) and
-on CPU, where the compile time (~15 s for a small model) outweighs the gain in short runs.
+Opt-in (train.compile: true) until it has been measured on a GPU: on an H200 the 0.5B shape's default SFT step (~4k
+tokens) took 136 ms where 8k-token steps took 109 ms (docs/BENCHMARKS.md): the small step's time does not follow its
+tokens, and fewer dispatches per step is the lever for that gap. On the CPU the compile time (~15 s for a small
+model) outweighs the gain in short runs.
 """
 
 from __future__ import annotations

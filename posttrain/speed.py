@@ -11,10 +11,7 @@
   for-loop AdamW on 2 cores).
 - Liger kernels [train.liger_kernels]: on when liger-kernel is installed (`pip install 'posttrain[speed]'`)
   and a CUDA GPU trains.
-- torch.compile per decoder layer [train.compile] (posttrain.regional_compile): on for sft (full and LoRA) on a
-  CUDA GPU, where it measured 1.92x the eager tokens/s with the same losses (H200, 0.5B shape, docs/BENCHMARKS.md);
-  off for DPO (measured slower there: 27.3 vs 34.9 pairs/s, not yet understood), QLoRA (bitsandbytes' 4-bit
-  layers under dynamo are unmeasured), ternary (refused) and on CPU (the compile time outweighs the gain).
+- torch.compile per decoder layer [train.compile]: opt-in (posttrain.regional_compile), off until measured on a GPU.
 - DPO's reference pass [dpo.precompute_ref]: REFERENCE_BATCH_FACTOR x the training micro-batch per forward: it
   keeps no gradients or activations, and each forward has fixed launch, sync and host costs (a one-off timing
   on an H200, Qwen2.5-0.5B shape, 400 pairs: 8 pairs per forward 4.0 s, 32: 2.7 s, 64: 2.3 s); halved while one
@@ -206,28 +203,10 @@ def _memory(train) -> tuple[int, int, str, bool]:
     return 2 if flags["bf16"] or flags["fp16"] else 4, free, where, not torch.cuda.is_available()
 
 
-def compile_choice(cfg) -> tuple[bool, str]:
-    """train.compile resolved, and why (see the module docstring for the measurements behind auto)."""
-    import torch
-
-    choice = cfg.train.compile
-    if choice != "auto":
-        return bool(choice), "set"
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU (on CPU the compile time outweighs the gain)"
-    if cfg.recipe != "sft":
-        return False, f"recipe {cfg.recipe}: not measured faster compiled"
-    if cfg.adapter is not None and cfg.adapter.method == "qlora":
-        return False, "QLoRA's 4-bit layers are not measured compiled"
-    return True, "fewer kernel launches per step (1.9x tokens/s on an H200); the first steps compile"
-
-
 def plan(train, model, rows_per_step: int, tokens_per_row: int, unit: str, budget_line: str,
-         trainable_fraction: float | None = None, extra_weights: int = 0,
-         compile_layers: tuple[bool, str] = (False, "set")) -> SpeedPlan:
+         trainable_fraction: float | None = None, extra_weights: int = 0) -> SpeedPlan:
     """Micro-batch, accumulation, checkpointing, optimizer and Liger for a step of `rows_per_step` rows (packed
-    rows, examples or pairs) per device, each row at most `tokens_per_row` tokens; compile_layers: the resolved
-    train.compile and why (compile_choice)."""
+    rows, examples or pairs) per device, each row at most `tokens_per_row` tokens."""
     act_bytes, free, where, resident = _memory(train)
 
     def need(rows, checkpointing):
@@ -247,12 +226,12 @@ def plan(train, model, rows_per_step: int, tokens_per_row: int, unit: str, budge
              f"{free / GIB:.1f} GiB {where} [train.gradient_checkpointing]",
              f"optimizer {optim}: {optim_why} [train.optim]",
              f"Liger kernels {'on' if liger else 'off'}: {liger_why} [train.liger_kernels]",
-             f"torch.compile per decoder layer {'on' if compile_layers[0] else 'off'}: {compile_layers[1]} "
-             "[train.compile]"]
+             f"torch.compile per decoder layer {'on (the first step compiles one layer)' if train.compile else 'off'}"
+             " [train.compile]"]
     if not fits(micro, checkpointing):
         lines.append(f"WARNING: est. {estimate:.1f} GiB may not fit in {free / GIB:.1f} GiB; lower "
                      "train.batch_size or train.max_length, or set train.gradient_checkpointing: true")
-    return SpeedPlan(micro, accum, checkpointing, optim, liger, lines, compile_layers=compile_layers[0])
+    return SpeedPlan(micro, accum, checkpointing, optim, liger, lines, compile_layers=train.compile)
 
 
 def world_size() -> int:
@@ -267,8 +246,7 @@ def plan_sft(cfg, model, examples: list[dict], packed) -> SpeedPlan:
     if packed is None:
         longest = max(len(e["input_ids"]) for e in examples)
         line = f"no packing: {train.batch_size} x {accum} examples per step, padded to the longest [train.packing]"
-        return plan(train, model, train.batch_size * accum, longest, "examples", line, fraction,
-                    compile_layers=compile_choice(cfg))
+        return plan(train, model, train.batch_size * accum, longest, "examples", line, fraction)
     mean_example = packed.tokens / packed.documents
     budget = train.tokens_per_step or train.batch_size * accum * world_size() * mean_example
     rows = max(1, round(budget / world_size() / packed.mean_row_tokens))
@@ -276,7 +254,7 @@ def plan_sft(cfg, model, examples: list[dict], packed) -> SpeedPlan:
         f"{train.batch_size} x {accum} examples x {mean_example:.0f} mean tokens")
     line = (f"packing {packed.summary()} [train.packing]; step budget {budget:,.0f} tokens ({source}) -> "
             f"{rows} rows per device [train.tokens_per_step]")
-    return plan(train, model, rows, packed.capacity, "packed rows", line, fraction, compile_layers=compile_choice(cfg))
+    return plan(train, model, rows, packed.capacity, "packed rows", line, fraction)
 
 
 def plan_dpo(cfg, model, pairs: list[dict], reference_in_memory: bool) -> SpeedPlan:
@@ -289,8 +267,7 @@ def plan_dpo(cfg, model, pairs: list[dict], reference_in_memory: bool) -> SpeedP
     line = f"{train.batch_size} x {accum} pairs per step; {layout} [train.packing]"
     fraction = 0.02 if cfg.adapter is not None else None
     extra = model.get_memory_footprint() if reference_in_memory and cfg.adapter is None else 0
-    result = plan(train, model, train.batch_size * accum, 2 * longest, "pairs", line, fraction, extra,
-                  compile_layers=compile_choice(cfg))
+    result = plan(train, model, train.batch_size * accum, 2 * longest, "pairs", line, fraction, extra)
     if not reference_in_memory:
         result.reference_batch_size, why = reference_batch(train, model, result.batch_size, 2 * train.max_length)
         result.lines.append(f"reference pass: {result.reference_batch_size} pairs per forward ({why}) "

@@ -349,7 +349,6 @@ def device_flags() -> dict:
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
          "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"],
-         "posttrain_eager": ["train.compile=false"],  # since compile is on by default for SFT on a GPU
          "posttrain_profile": []}  # posttrain's defaults under torch.profiler (StepProfile)
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
                "posttrain_profile": ("sft", "dpo")}  # the others: sft only

@@ -197,22 +197,6 @@ def test_auto_settings_are_printed_and_each_key_overrides(model, monkeypatch, ca
         assert key in out
 
 
-@pytest.mark.parametrize("config, overrides, cuda, expected", [
-    ("sft", [], True, True),  # measured 1.9x on an H200
-    ("lora", [], True, True),
-    ("qlora", [], True, False),
-    ("dpo", [], True, False),  # measured slower for DPO
-    ("ternary", [], True, False),
-    ("sft", [], False, False),  # CPU: the compile time outweighs the gain
-    ("dpo", ["train.compile=true"], False, True),  # a set value always wins
-])
-def test_compile_auto_is_on_only_where_it_was_measured_faster(monkeypatch, config, overrides, cuda, expected):
-    cfg = load_config(CONFIGS / "tiny" / f"{config}.yaml", ["output_dir=x", *overrides])
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    on, why = speed.compile_choice(cfg)
-    assert on is expected and why
-
-
 def test_tokens_per_step_sets_the_step_budget(model):
     cfg = load_config(CONFIGS / "tiny" / "sft.yaml", ["output_dir=x", "train.tokens_per_step=1024"])
     docs = documents(200, seed=9)
