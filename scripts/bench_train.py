@@ -36,6 +36,12 @@ the last quarter of the steps; DPO compares the losses step by step (same pairs 
 and the ratios; writes bench_train.json to $OUT (or --out). CPU timings on a shared machine are indicative only.
 Exploration variants (--extra) add posttrain runs with one setting changed, and posttrain_profile (the defaults
 under torch.profiler for 3 steps: GPU kernel time per step against the wall time says host- or GPU-bound).
+
+Noise on a GPU host: the 0.5B step is host-bound, so its rate follows the host CPU. Two H200 calls of the same code
+(session 4) measured posttrain's eager defaults at 22.9k and 33.0k tokens/s and the compiled layers at 44.0k and
+25.2k, the slower each time being the first training run after the machine started. Hence, on a GPU: a throwaway
+posttrain_settle run first (--settle), each result records the host's 1-minute load average at its start, and
+--rounds N measures posttrain and trl_defaults N times, alternating, and compares their medians.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import os
 import random
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -278,12 +285,22 @@ class StepProfile:
         self.profiler = None
 
     def summarize(self, averages, steps: int) -> None:
-        device = sum(e.self_device_time_total for e in averages) / 1e3 / steps
-        top = sorted(averages, key=lambda e: e.self_device_time_total or e.self_cpu_time_total, reverse=True)[:12]
-        self.summary = {"profiled_steps": steps, "gpu_kernel_ms_per_step": device,
-                        "ops_per_step": sum(e.count for e in averages) / steps,
-                        "top_ops_ms_per_step": {e.key: round((e.self_device_time_total or e.self_cpu_time_total)
-                                                             / 1e3 / steps, 3) for e in top}}
+        """Only the GPU's own events (kernels, copies) count as GPU time: the CPU-side ops that launched them carry
+        the same device time again (session 4's first profile summed both and read ~3x too high)."""
+        from torch.autograd import DeviceType
+
+        gpu = [e for e in averages if e.device_type == DeviceType.CUDA]
+        cpu = [e for e in averages if e.device_type != DeviceType.CUDA]
+        per_step = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731 - profiler times are microseconds
+        self.summary = {
+            "profiled_steps": steps,
+            "gpu_kernel_ms_per_step": per_step(sum(e.self_device_time_total for e in gpu)),
+            "gpu_events_per_step": sum(e.count for e in gpu) / steps,
+            "cpu_ops_per_step": sum(e.count for e in cpu) / steps,
+            "top_kernels_ms_per_step": {e.key[:80]: per_step(e.self_device_time_total) for e in
+                                        sorted(gpu, key=lambda e: e.self_device_time_total, reverse=True)[:8]},
+            "top_cpu_ops_self_ms_per_step": {e.key[:80]: per_step(e.self_cpu_time_total) for e in
+                                             sorted(cpu, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]}}
 
 
 def instrument(clock: Clock, extra_callbacks=()) -> dict:
@@ -349,7 +366,8 @@ def device_flags() -> dict:
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
          "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"],
-         "posttrain_profile": []}  # posttrain's defaults under torch.profiler (StepProfile)
+         "posttrain_profile": [],  # posttrain's defaults under torch.profiler (StepProfile)
+         "posttrain_settle": ["train.max_steps=12"]}  # the GPU's throwaway first run (see main), never compared
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
                "posttrain_profile": ("sft", "dpo")}  # the others: sft only
 
@@ -424,6 +442,7 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
     import torch
 
     size = SIZES[mode]
+    load_at_start = os.getloadavg()[0]  # the host's busyness: a host-bound step is as fast as its CPU
     if variant == "posttrain_liger" and os.environ.get("BENCH_LIGER_PATH"):
         sys.path.insert(0, os.environ["BENCH_LIGER_PATH"])
     if torch.cuda.is_available():
@@ -439,7 +458,8 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
         out, trained = posttrain_run(work, size, task, EXTRA.get(variant, ())) if ours else trl_sft(work, size, variant)
     else:
         out = posttrain_run(work, size, task, EXTRA.get(variant, ()))[0] if ours else trl_dpo(work, size, variant)
-    result = {"task": task, "variant": variant, "setup_s": marks["train_start"] - start, **clock.result(BATCH),
+    result = {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start,
+              "setup_s": marks["train_start"] - start, **clock.result(BATCH),
               **peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
     if profile:
         result["profile"] = profile.summary
@@ -497,7 +517,12 @@ def parse(task: str, variant: str, stdout: str, stderr: str, returncode: int) ->
 
 def compare(results: list[dict], task: str) -> dict:
     rate = "tokens_per_s" if task == "sft" else "pairs_per_s"
-    rows = {r["variant"]: r for r in results if r["task"] == task and "error" not in r and r.get(rate)}
+    rounds: dict[str, list[dict]] = {}
+    for r in results:
+        if r["task"] == task and "error" not in r and r.get(rate):
+            rounds.setdefault(r["variant"], []).append(r)
+    # A variant measured in several rounds (--rounds): its median rate, the rest from its first round.
+    rows = {name: {**runs[0], rate: statistics.median(r[rate] for r in runs)} for name, runs in rounds.items()}
     ours, base = rows.get("posttrain"), rows.get("trl_defaults")
     if not (ours and base):
         return {}
@@ -512,6 +537,10 @@ def compare(results: list[dict], task: str) -> dict:
         out["setup_plus_all_steps_vs_trl_defaults"] = total(base) / total(ours)  # > 1: posttrain done sooner
     if "posttrain_warm" in rows:
         out["setup_warm_cache_vs_trl_defaults"] = rows["posttrain_warm"]["setup_s"] / base["setup_s"]
+    spread = {name: max(r[rate] for r in runs) / min(r[rate] for r in runs) for name, runs in rounds.items()
+              if len(runs) > 1}
+    if spread:  # the same variant's fastest round over its slowest: how much the machine itself varied
+        out[f"{rate}_round_spread"] = spread
     if task == "sft":
         out["held_out_loss_vs_trl_defaults"] = ours["held_out_loss"] / base["held_out_loss"]
         out["late_train_loss_vs_trl_defaults"] = ours["late_train_loss"] / base["late_train_loss"]
@@ -549,6 +578,13 @@ def main() -> int:
                         help="run only these of the standard variants (posttrain, trl_defaults, trl_no_ckpt, "
                              "trl_packed, posttrain_warm; default: all), e.g. to spend a short GPU call on what "
                              "matters; the ratios need posttrain and trl_defaults")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure posttrain and trl_defaults this many times, alternating, after the standard "
+                             "variants (before --extra); the ratios use each one's median and report the spread "
+                             "(a GPU host's speed drifts: two H200 runs of the same code differed by 1.4x)")
+    parser.add_argument("--settle", choices=["auto", "on", "off"], default="auto",
+                        help="a throwaway posttrain run of a few steps before the measured ones (auto: on a GPU, "
+                             "where the first run after the machine starts measured up to 1.4x slower)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -589,11 +625,18 @@ def main() -> int:
             (Path(args.out) / "bench_train.json").write_text(json.dumps(report, indent=1))
         return report
 
+    if args.settle == "on" or (args.settle == "auto" and args.mode == "gpu"):
+        run_variants(work, args.mode, "sft", ["posttrain_settle"], False, threads, save)
     for task in tasks:
         if plan[task]:
             run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
     if "dpo" in tasks and plan["dpo_warm"]:  # after the first run filled the reference cache
         run_variants(work, args.mode, "dpo", plan["dpo_warm"], False, threads, save)
+    for _ in range(args.rounds - 1):  # alternating, so that a drift of the machine hits both alike
+        for task in tasks:
+            again = [v for v in ("trl_defaults", "posttrain") if v in plan[task]]
+            if again:
+                run_variants(work, args.mode, task, again, lockstep, threads, save)
     for task in tasks:  # last: the comparisons above come first when time is short
         extra = [name for name in args.extra if task in EXTRA_TASKS.get(name, ("sft",))]
         if extra:

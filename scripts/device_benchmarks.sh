@@ -6,10 +6,13 @@
 #   on the GPU machine:   source .whl/setup.sh && bash scripts/device_benchmarks.sh [kernels] [e2e] [train]
 # With no arguments all three parts run; limits (seconds) via LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN. A dry run of this
 # script on a CPU: TRAIN_MODE=smoke bash scripts/device_benchmarks.sh train
-# The first H200 run of the three parts took 332 s (kernels 31 s, e2e 42 s, train 244 s for 9 variants); train now
-# also runs the exploration variants (a profiled default run and compile for sft and dpo, liger, 8k tokens per
-# step) last, so a limit cuts those first. Budget a whole call at ~8 minutes plus the machine's start, and keep
-# device time for one rerun. Helpers (subagents) must not call the device tools: they share the session's budget.
+# Timings on an H200: kernels ~55 s, e2e ~50 s (session 4); the train part's 8 standard variants ~300 s, plus a
+# throwaway settle run first and a second round of posttrain and trl_defaults last (--rounds, TRAIN_ROUNDS=2),
+# ~90 s: a GPU host's speed drifts (two calls of the same code differed by 1.4x), see bench_train.py. The
+# exploration variants (TRAIN_EXTRA) run last, so a time limit cuts them first.
+# One 15-minute session: call 1 `kernels e2e` plus train with TRAIN_EXTRA as needed, then one rerun; a machine's
+# start costs ~30 s and each further start needs 240 s of budget left. Helpers (subagents) must not call the
+# device tools: they share the session's budget.
 set -u
 OUT=${OUT:-/tmp/posttrain-bench}
 mkdir -p "$OUT"
@@ -42,7 +45,7 @@ for part in $parts; do
                 extra=${extra//posttrain_liger/}
             fi
             run_part train "${LIMIT_TRAIN:-300}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
-                ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} --out "$OUT/train" ;;
+                --rounds "${TRAIN_ROUNDS:-2}" ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac
 done

@@ -54,3 +54,19 @@ def test_compare_skips_variants_without_a_rate():
     assert ratios["tokens_per_s_vs_trl_defaults"] == 3.0
     assert not any("best_trl_tuned" in key for key in ratios)
     assert bench.compare(results[1:], "sft") == {}
+
+
+def test_compare_takes_the_median_over_rounds_and_reports_the_spread():
+    """--rounds: a variant measured several times counts with its median rate; the spread says how much the
+    machine drifted (what a single-round ratio cannot show)."""
+    bench = load_script("bench_train")
+    row = {"task": "sft", "setup_s": 1.0, "all_steps_s": 2.0, "steps": 4, "held_out_loss": 2.0, "late_train_loss": 2.0}
+    results = [{**row, "variant": "posttrain_settle", "tokens_per_s": 1.0},  # the throwaway run: never compared
+               {**row, "variant": "posttrain", "tokens_per_s": 200.0},
+               {**row, "variant": "trl_defaults", "tokens_per_s": 100.0},
+               {**row, "variant": "trl_defaults", "tokens_per_s": 100.0},
+               {**row, "variant": "posttrain", "tokens_per_s": 400.0},
+               {**row, "variant": "posttrain", "tokens_per_s": 300.0}]
+    ratios = bench.compare(results, "sft")
+    assert ratios["tokens_per_s_vs_trl_defaults"] == 3.0
+    assert ratios["tokens_per_s_round_spread"] == {"posttrain": 2.0, "trl_defaults": 1.0}
