@@ -13,10 +13,12 @@ length would recompile again and again. A frame that fails to compile runs eager
 torch._dynamo.config.suppress_errors for the whole process (torch logs each fallback), so compilation can make a
 run slower than hoped but never stops it. Tested: one process (CPU). Not yet run: FSDP, DeepSpeed, a GPU.
 
-Opt-in (train.compile: true) until it has been measured on a GPU: on an H200 the 0.5B shape's default SFT step (~4k
-tokens) took 136 ms where 8k-token steps took 109 ms (docs/BENCHMARKS.md): the small step's time does not follow its
-tokens, and fewer dispatches per step is the lever for that gap. On the CPU the compile time (~15 s for a small
-model) outweighs the gain in short runs.
+Opt-in (train.compile: true). Two H200 runs of the Qwen2.5-0.5B shape's default SFT step (~4.4k tokens) disagreed:
+compiled 44.0k vs eager 22.9k real tokens/s in one, 25.2k vs 33.0k in the other, with the same losses and a lower
+peak (8.1 vs 9.6 GiB) in both; the host-bound step's rate followed the host's speed, which drifted more than
+that between runs, and the slower run was each time the first after the machine started (docs/BENCHMARKS.md).
+The first steps compile for ~25 s there. DPO measured slower compiled (27.3 vs 34.9 pairs/s), not understood.
+On the CPU the compile time (~15 s for a small model) outweighs the gain in short runs.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
   for-loop AdamW on 2 cores).
 - Liger kernels [train.liger_kernels]: on when liger-kernel is installed (`pip install 'posttrain[speed]'`)
   and a CUDA GPU trains.
-- torch.compile per decoder layer [train.compile]: opt-in (posttrain.regional_compile), off until measured on a GPU.
+- torch.compile per decoder layer [train.compile]: opt-in (posttrain.regional_compile): two H200 runs disagreed.
 - DPO's reference pass [dpo.precompute_ref]: REFERENCE_BATCH_FACTOR x the training micro-batch per forward: it
   keeps no gradients or activations, and each forward has fixed launch, sync and host costs (a one-off timing
   on an H200, Qwen2.5-0.5B shape, 400 pairs: 8 pairs per forward 4.0 s, 32: 2.7 s, 64: 2.3 s); halved while one
