@@ -377,3 +377,16 @@ def test_gemv_self_check_drops_wrong_or_failing_configs(monkeypatch):
         assert gemv.gemv_configs(torch.device("cpu"), torch.bfloat16) == []
     x, packed = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(16, 64, dtype=torch.uint8)
     assert gemv.ready_config(x, packed, torch.bfloat16, None, None, False) is None
+
+
+def test_host_grid_arithmetic_matches_triton():
+    """kernel.cdiv / next_power_of_2 replace triton's constexpr functions in host code (each call through triton's
+    wrapper costs microseconds a decode step cannot hide): the same values."""
+    triton = pytest.importorskip("triton")
+    from posttrain.ternary import kernel
+
+    for a in range(1, 300):
+        assert kernel.next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 3, 8, 16, 64):
+            assert kernel.cdiv(a, b) == triton.cdiv(a, b)
+    assert kernel.next_power_of_2(4096) == 4096 and kernel.next_power_of_2(14336) == 16384
