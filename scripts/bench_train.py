@@ -286,10 +286,12 @@ class StepProfile:
 
     def summarize(self, averages, steps: int) -> None:
         """Only the GPU's own events (kernels, copies) count as GPU time: the CPU-side ops that launched them carry
-        the same device time again (session 4's first profile summed both and read ~3x too high)."""
+        the same device time again (session 4's first profile summed both and read ~3x too high), and so do
+        record_function regions mirrored on the GPU (is_user_annotation: Optimizer.step#AdamW.step spans the
+        optimizer's kernels), which torch's own table leaves out too."""
         from torch.autograd import DeviceType
 
-        gpu = [e for e in averages if e.device_type == DeviceType.CUDA]
+        gpu = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         cpu = [e for e in averages if e.device_type != DeviceType.CUDA]
         per_step = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731 - profiler times are microseconds
         self.summary = {
@@ -297,10 +299,17 @@ class StepProfile:
             "gpu_kernel_ms_per_step": per_step(sum(e.self_device_time_total for e in gpu)),
             "gpu_events_per_step": sum(e.count for e in gpu) / steps,
             "cpu_ops_per_step": sum(e.count for e in cpu) / steps,
-            "top_kernels_ms_per_step": {e.key[:80]: per_step(e.self_device_time_total) for e in
-                                        sorted(gpu, key=lambda e: e.self_device_time_total, reverse=True)[:8]},
-            "top_cpu_ops_self_ms_per_step": {e.key[:80]: per_step(e.self_cpu_time_total) for e in
-                                             sorted(cpu, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]}}
+            "top_kernels_ms_per_step": top(gpu, "self_device_time_total", per_step),
+            "top_cpu_ops_self_ms_per_step": top(cpu, "self_cpu_time_total", per_step)}
+
+
+def top(events, field: str, per_step, n: int = 8, width: int = 80) -> dict:
+    """The n largest by `field`, names cut to `width` characters; names equal once cut (templated CUDA kernels
+    often are) are summed, not overwritten."""
+    sums: dict[str, float] = {}
+    for e in events:
+        sums[e.key[:width]] = sums.get(e.key[:width], 0.0) + getattr(e, field)
+    return {name: per_step(us) for name, us in sorted(sums.items(), key=lambda kv: kv[1], reverse=True)[:n]}
 
 
 def instrument(clock: Clock, extra_callbacks=()) -> dict:
@@ -519,9 +528,12 @@ def compare(results: list[dict], task: str) -> dict:
     rate = "tokens_per_s" if task == "sft" else "pairs_per_s"
     rounds: dict[str, list[dict]] = {}
     for r in results:
-        if r["task"] == task and "error" not in r and r.get(rate):
+        if r["task"] == task:
             rounds.setdefault(r["variant"], []).append(r)
-    # A variant measured in several rounds (--rounds): its median rate, the rest from its first round.
+    # A variant measured in several rounds (--rounds): its median rate, the rest (set-up with a cold reference
+    # cache, losses) from its first round; a variant whose first round failed or measured nothing is left out.
+    rounds = {name: [r for r in runs if "error" not in r and r.get(rate)] for name, runs in rounds.items()
+              if "error" not in runs[0] and runs[0].get(rate)}
     rows = {name: {**runs[0], rate: statistics.median(r[rate] for r in runs)} for name, runs in rounds.items()}
     ours, base = rows.get("posttrain"), rows.get("trl_defaults")
     if not (ours and base):
@@ -571,7 +583,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per variant (default: 1 on CPU, where a busy machine makes two threads "
                              "wait for each other at every operation; the GPU mode leaves torch's default)")
-    parser.add_argument("--extra", nargs="*", default=[], choices=sorted(EXTRA),
+    parser.add_argument("--extra", nargs="*", default=[], choices=sorted(set(EXTRA) - {"posttrain_settle"}),
                         help="also run these exploration variants (posttrain with one setting changed; "
                              "SFT, and DPO where EXTRA_TASKS says so)")
     parser.add_argument("--variants", nargs="*", default=None,
@@ -609,6 +621,8 @@ def main() -> int:
         if unknown := sorted(set(args.variants) - known):
             parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
         plan = {task: [v for v in variants if v in args.variants] for task, variants in plan.items()}
+        if plan["dpo_warm"] and "posttrain" not in args.variants:
+            parser.error("--variants: posttrain_warm reruns DPO on the cache posttrain's run fills; add posttrain")
     tasks = ["sft", "dpo"] if args.task == "all" else [args.task]
     print(f"bench_train: mode {args.mode}, work dir {work}", flush=True)
     lockstep = args.mode != "gpu" if args.lockstep == "auto" else args.lockstep == "on"
@@ -632,11 +646,11 @@ def main() -> int:
             run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
     if "dpo" in tasks and plan["dpo_warm"]:  # after the first run filled the reference cache
         run_variants(work, args.mode, "dpo", plan["dpo_warm"], False, threads, save)
-    for _ in range(args.rounds - 1):  # alternating, so that a drift of the machine hits both alike
+    for extra_round in range(1, args.rounds):  # alternating order, so that a drift of the machine hits both alike
         for task in tasks:
-            again = [v for v in ("trl_defaults", "posttrain") if v in plan[task]]
-            if again:
-                run_variants(work, args.mode, task, again, lockstep, threads, save)
+            pair = ["trl_defaults", "posttrain"] if extra_round % 2 else ["posttrain", "trl_defaults"]
+            if all(v in plan[task] for v in pair):  # a repeat without the other one has nothing to compare with
+                run_variants(work, args.mode, task, pair, lockstep, threads, save)
     for task in tasks:  # last: the comparisons above come first when time is short
         extra = [name for name in args.extra if task in EXTRA_TASKS.get(name, ("sft",))]
         if extra:

@@ -9,7 +9,8 @@
 # Timings on an H200: kernels ~55 s, e2e ~50 s (session 4); the train part's 8 standard variants ~300 s, plus a
 # throwaway settle run first and a second round of posttrain and trl_defaults last (--rounds, TRAIN_ROUNDS=2),
 # ~90 s: a GPU host's speed drifts (two calls of the same code differed by 1.4x), see bench_train.py. The
-# exploration variants (TRAIN_EXTRA) run last, so a time limit cuts them first.
+# exploration variants (TRAIN_EXTRA) run last, so a time limit (LIMIT_TRAIN, default 390 s) cuts them first: give
+# them a call of their own (TRAIN_VARIANTS="posttrain trl_defaults" TRAIN_ROUNDS=1 and the extras) when they matter.
 # One 15-minute session: call 1 `kernels e2e` plus train with TRAIN_EXTRA as needed, then one rerun; a machine's
 # start costs ~30 s and each further start needs 240 s of budget left. Helpers (subagents) must not call the
 # device tools: they share the session's budget.
@@ -37,14 +38,14 @@ for part in $parts; do
                  --json "$OUT/ternary_e2e.json" ;;
         train)
             # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure
-            extra=${TRAIN_EXTRA:-posttrain_profile posttrain_compile posttrain_liger posttrain_8k}
+            extra=${TRAIN_EXTRA-posttrain_profile posttrain_compile posttrain_liger posttrain_8k}  # TRAIN_EXTRA= : none
             if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
                 python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \
                     && export BENCH_LIGER_PATH=/tmp/liger_site
             else
                 extra=${extra//posttrain_liger/}
             fi
-            run_part train "${LIMIT_TRAIN:-300}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
+            run_part train "${LIMIT_TRAIN:-390}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
                 --rounds "${TRAIN_ROUNDS:-2}" ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac

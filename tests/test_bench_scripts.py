@@ -70,3 +70,36 @@ def test_compare_takes_the_median_over_rounds_and_reports_the_spread():
     ratios = bench.compare(results, "sft")
     assert ratios["tokens_per_s_vs_trl_defaults"] == 3.0
     assert ratios["tokens_per_s_round_spread"] == {"posttrain": 2.0, "trl_defaults": 1.0}
+
+
+def test_compare_leaves_out_a_variant_whose_first_round_failed():
+    """The set-up time comes from a variant's first round (a cold reference cache for DPO); if that round failed,
+    a later round's warm set-up must not stand in for it."""
+    bench = load_script("bench_train")
+    row = {"task": "sft", "setup_s": 1.0, "all_steps_s": 2.0, "steps": 4, "held_out_loss": 2.0, "late_train_loss": 2.0}
+    results = [{"task": "sft", "variant": "posttrain", "error": ["RuntimeError: x"]},
+               {**row, "variant": "trl_defaults", "tokens_per_s": 100.0},
+               {**row, "variant": "posttrain", "tokens_per_s": 400.0, "setup_s": 0.1}]
+    assert bench.compare(results, "sft") == {}
+
+
+def test_step_profile_counts_gpu_events_once():
+    """StepProfile's GPU time: kernels only, not the CPU ops that launched them nor record_function regions
+    mirrored on the GPU; kernels whose names are equal once cut are summed."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = load_script("bench_train")
+    event = lambda key, device, us, annotation=False: SimpleNamespace(  # noqa: E731
+        key=key, device_type=device, self_device_time_total=us, self_cpu_time_total=0.0 if device else us,
+        is_user_annotation=annotation, count=1)
+    long = "void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast" + "x" * 40
+    averages = [event("aten::mm", DeviceType.CPU, 5000.0), event("sm90_gemm", DeviceType.CUDA, 4000.0),
+                event("Optimizer.step#AdamW.step", DeviceType.CUDA, 3000.0, annotation=True),
+                event(long + "A", DeviceType.CUDA, 9000.0), event(long + "B", DeviceType.CUDA, 1000.0)]
+    profile = bench.StepProfile(warmup=0)
+    profile.summarize(averages, steps=2)
+    assert profile.summary["gpu_kernel_ms_per_step"] == 7.0  # (4000 + 9000 + 1000) us over 2 steps
+    assert profile.summary["top_kernels_ms_per_step"][long[:80]] == 5.0
+    assert "Optimizer.step#AdamW.step" not in profile.summary["top_kernels_ms_per_step"]
