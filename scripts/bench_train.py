@@ -47,12 +47,10 @@ posttrain_settle run first (--settle), each result records the host's 1-minute l
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import random
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,6 +60,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_train_measure as measure  # noqa: E402 - the script's folder is on the path only now
+
 MARK = "BENCH_RESULT "
 
 SIZES = {  # model shape, data and steps per mode
@@ -161,212 +162,6 @@ def token_ids(work: Path, name: str) -> list[list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Measuring inside a variant's process.
-
-
-class Clock:
-    """Counts the real tokens (the Trainer's non-padding count) of the steps after `warmup` and times them.
-
-    One variant at a time (GPU): wall-clock from the end of the warm-up steps to the end of the last step, with
-    a device synchronization at those two points only, as a user's run experiences it (data loading, logging
-    and per-step bookkeeping included; the CPU may run ahead of the GPU as it would).
-    Lockstep (CPU: the variants run at the same time but take turns through a lock file, so that background
-    load on a shared CPU falls on every variant alike): only the time between the Trainer's step-begin and
-    step-end events counts (forward, backward, optimizer; data loading excluded for every variant), since
-    wall-clock there would include the other variants' turns."""
-
-    def __init__(self, warmup: int, lock_path: str | None = None):
-        self.warmup, self.seconds, self.all_seconds, self.tokens0, self.tokens1, self.steps = warmup, 0.0, 0.0, 0, 0, 0
-        self.lock = open(lock_path, "a") if lock_path else None  # noqa: SIM115 (held for the process's life)
-        self.held, self.step_start, self.start = False, 0.0, time.perf_counter()
-        self.wall0 = None
-
-    def hold(self) -> None:
-        if self.lock and not self.held:
-            fcntl.flock(self.lock, fcntl.LOCK_EX)
-            self.held = True
-
-    def release(self) -> None:
-        if self.lock and self.held:
-            fcntl.flock(self.lock, fcntl.LOCK_UN)
-            self.held = False
-            time.sleep(0.002)  # let a waiting variant take its turn
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class _Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                clock.hold()
-                if clock.lock:
-                    sync()
-                    clock.step_start = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                last = state.global_step in (clock.warmup, state.max_steps)
-                if clock.lock or last:
-                    sync()
-                now = time.perf_counter()
-                if clock.lock:
-                    clock.all_seconds += now - clock.step_start
-                    if state.global_step > clock.warmup:
-                        clock.seconds += now - clock.step_start
-                if state.global_step == clock.warmup:
-                    clock.tokens0, clock.wall0 = state.num_input_tokens_seen, now
-                elif not clock.lock and state.global_step == state.max_steps:
-                    clock.seconds, clock.all_seconds = now - clock.wall0, now - clock.start
-                clock.tokens1, clock.steps = state.num_input_tokens_seen, state.global_step
-                clock.release()
-
-            def on_train_end(self, args, state, control, **kwargs):  # stopped before max_steps (a guard, say)
-                if not clock.lock and clock.wall0 is not None and state.global_step < state.max_steps:
-                    sync()
-                    now = time.perf_counter()
-                    clock.seconds, clock.all_seconds = now - clock.wall0, now - clock.start
-
-        return _Callback()
-
-    def result(self, batch: int) -> dict:
-        measured = self.steps - self.warmup
-        rate = (lambda n: n / self.seconds) if self.seconds else (lambda n: None)  # None: no step after warm-up
-        return {"tokens_per_s": rate(self.tokens1 - self.tokens0), "pairs_per_s": rate(measured * batch),
-                "measured_steps": measured, "steps": self.steps, "measured_s": self.seconds,
-                "all_steps_s": self.all_seconds, "timing": "step events (lockstep)" if self.lock else "wall-clock"}
-
-
-def sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class StepProfile:
-    """posttrain_profile: torch.profiler over steps warmup+1 .. warmup+PROFILED_STEPS of posttrain's defaults. The
-    GPU's kernel time per step against the wall time per step (from the unprofiled posttrain run) says whether a
-    step is GPU-bound (they are close) or host-bound (kernels fill a fraction of the step), and which ops dominate."""
-
-    PROFILED_STEPS = 3
-
-    def __init__(self, warmup: int):
-        self.first, self.profiler, self.summary = warmup + 1, None, {}
-
-    def callback(self):
-        import torch
-        from transformers import TrainerCallback
-
-        profile = self
-
-        class _Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step + 1 == profile.first:
-                    activities = [torch.profiler.ProfilerActivity.CPU]
-                    if torch.cuda.is_available():
-                        activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    profile.profiler = torch.profiler.profile(activities=activities)
-                    profile.profiler.__enter__()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if profile.profiler is not None and state.global_step == profile.first + profile.PROFILED_STEPS - 1:
-                    profile.stop(profile.PROFILED_STEPS)
-
-            def on_train_end(self, args, state, control, **kwargs):  # a run shorter than the profiled steps
-                if profile.profiler is not None:
-                    profile.stop(state.global_step - profile.first + 1)
-
-        return _Callback()
-
-    def stop(self, steps: int) -> None:
-        sync()
-        self.profiler.__exit__(None, None, None)
-        self.summarize(self.profiler.key_averages(), max(1, steps))
-        self.profiler = None
-
-    def summarize(self, averages, steps: int) -> None:
-        """Only the GPU's own events (kernels, copies) count as GPU time: the CPU-side ops that launched them carry
-        the same device time again (session 4's first profile summed both and read ~3x too high), and so do
-        record_function regions mirrored on the GPU (is_user_annotation: Optimizer.step#AdamW.step spans the
-        optimizer's kernels), which torch's own table leaves out too."""
-        from torch.autograd import DeviceType
-
-        gpu = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-        cpu = [e for e in averages if e.device_type != DeviceType.CUDA]
-        per_step = lambda us: round(us / 1e3 / steps, 3)  # noqa: E731 - profiler times are microseconds
-        self.summary = {
-            "profiled_steps": steps,
-            "gpu_kernel_ms_per_step": per_step(sum(e.self_device_time_total for e in gpu)),
-            "gpu_events_per_step": sum(e.count for e in gpu) / steps,
-            "cpu_ops_per_step": sum(e.count for e in cpu) / steps,
-            "top_kernels_ms_per_step": top(gpu, "self_device_time_total", per_step),
-            "top_cpu_ops_self_ms_per_step": top(cpu, "self_cpu_time_total", per_step)}
-
-
-def top(events, field: str, per_step, n: int = 8, width: int = 80) -> dict:
-    """The n largest by `field`, names cut to `width` characters; names equal once cut (templated CUDA kernels
-    often are) are summed, not overwritten."""
-    sums: dict[str, float] = {}
-    for e in events:
-        sums[e.key[:width]] = sums.get(e.key[:width], 0.0) + getattr(e, field)
-    return {name: per_step(us) for name, us in sorted(sums.items(), key=lambda kv: kv[1], reverse=True)[:n]}
-
-
-def instrument(clock: Clock, extra_callbacks=()) -> dict:
-    """Every Trainer.train() in this process gets the clock and notes when it starts (the end of set-up)."""
-    from transformers import Trainer
-
-    marks, original = {}, Trainer.train
-
-    def train(self, *args, **kwargs):
-        self.add_callback(clock.callback())
-        for callback in extra_callbacks:
-            self.add_callback(callback)
-        marks["train_start"] = clock.start = time.perf_counter()
-        return original(self, *args, **kwargs)
-
-    Trainer.train = train
-    return marks
-
-
-def peak_memory() -> dict:
-    import torch
-
-    if torch.cuda.is_available():
-        return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def held_out_loss(model, docs: list[list[int]]) -> float:
-    """Exact per-token mean loss over the held-out documents (one at a time, no padding)."""
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in docs:
-            x = torch.tensor([ids], device=model.device)
-            logits = model(input_ids=x, use_cache=False).logits.float()
-            total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
-            count += len(ids) - 1
-    return total / count
-
-
-def late_loss(losses: list[float]) -> float:
-    """Mean training loss over the last quarter of the steps."""
-    tail = losses[-max(1, len(losses) // 4):]
-    return sum(tail) / len(tail)
-
-
-def device_flags() -> dict:
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return {"use_cpu": not cuda, "bf16": cuda}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The variants.
 
 
@@ -416,7 +211,8 @@ def trl_sft(work: Path, size: dict, variant: str) -> tuple[dict, object]:
         batch = max(1, round(BATCH * mean / size["max_length"]))
     args = SFTConfig(output_dir=str(work / variant), per_device_train_batch_size=batch, learning_rate=size["lr"],
                      max_length=size["max_length"], num_train_epochs=1, logging_steps=1, save_strategy="no",
-                     report_to=[], seed=42, include_num_input_tokens_seen="non_padding", **device_flags(), **tuned)
+                     report_to=[], seed=42, include_num_input_tokens_seen="non_padding", **measure.device_flags(),
+                     **tuned)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": docs}),
@@ -435,7 +231,7 @@ def trl_dpo(work: Path, size: dict, variant: str) -> dict:
     args = DPOConfig(output_dir=str(work / variant), max_steps=size["trl_dpo_steps"], per_device_train_batch_size=BATCH,
                      learning_rate=size["dpo_lr"], max_length=3 * size["pair_words"], logging_steps=1,
                      save_strategy="no", report_to=[], seed=42, include_num_input_tokens_seen="non_padding",
-                     **device_flags(), **tuned)
+                     **measure.device_flags(), **tuned)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(work / "model", dtype=dtype).eval()
@@ -456,9 +252,9 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
         sys.path.insert(0, os.environ["BENCH_LIGER_PATH"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    clock = Clock(size["warmup"], os.environ.get("BENCH_LOCK"))
-    profile = StepProfile(size["warmup"]) if variant == "posttrain_profile" else None
-    marks = instrument(clock, [profile.callback()] if profile else [])
+    clock = measure.Clock(size["warmup"], os.environ.get("BENCH_LOCK"))
+    profile = measure.StepProfile(size["warmup"]) if variant == "posttrain_profile" else None
+    marks = measure.instrument(clock, [profile.callback()] if profile else [])
     os.environ["POSTTRAIN_CACHE"] = str(work / "cache")  # cold reference cache: its pass counts as set-up
     clock.hold()  # set-up takes a turn too (held until the first step ends)
     start = time.perf_counter()
@@ -469,7 +265,7 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
         out = posttrain_run(work, size, task, EXTRA.get(variant, ()))[0] if ours else trl_dpo(work, size, variant)
     result = {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start,
               "setup_s": marks["train_start"] - start, **clock.result(BATCH),
-              **peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
+              **measure.peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
     if profile:
         result["profile"] = profile.summary
     if task == "sft":
@@ -478,8 +274,8 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
         clock.hold()
         model = AutoModelForCausalLM.from_pretrained(trained) if isinstance(trained, Path) else trained
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-        result["held_out_loss"] = held_out_loss(model, token_ids(work, "eval.jsonl"))
-        result["late_train_loss"] = late_loss(out["losses"])
+        result["held_out_loss"] = measure.held_out_loss(model, token_ids(work, "eval.jsonl"))
+        result["late_train_loss"] = measure.late_loss(out["losses"])
     return result
 
 
@@ -572,7 +368,7 @@ def print_table(results: list[dict]) -> None:
               + " |")
 
 
-def main() -> int:
+def arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--task", choices=["sft", "dpo", "all"], default="all")
@@ -599,7 +395,26 @@ def main() -> int:
                              "where the first run after the machine starts measured up to 1.4x slower)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser, parser.parse_args()
+
+
+def standard_plan(parser: argparse.ArgumentParser, chosen: list[str] | None) -> dict[str, list[str]]:
+    """The standard variants per task, narrowed to --variants."""
+    plan = {"sft": ["posttrain", "trl_defaults", "trl_no_ckpt", "trl_packed"],
+            "dpo": ["posttrain", "trl_defaults", "trl_no_ckpt"], "dpo_warm": ["posttrain_warm"]}
+    if chosen is None:
+        return plan
+    known = {v for variants in plan.values() for v in variants}
+    if unknown := sorted(set(chosen) - known):
+        parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
+    plan = {task: [v for v in variants if v in chosen] for task, variants in plan.items()}
+    if plan["dpo_warm"] and "posttrain" not in chosen:
+        parser.error("--variants: posttrain_warm reruns DPO on the cache posttrain's run fills; add posttrain")
+    return plan
+
+
+def main() -> int:
+    parser, args = arguments()
     threads = args.threads if args.threads is not None else (0 if args.mode == "gpu" else 1)
     if threads:
         import torch
@@ -612,17 +427,9 @@ def main() -> int:
 
     if args.mode == "gpu" and not torch.cuda.is_available():
         parser.error("--mode gpu needs a CUDA GPU")
+    plan = standard_plan(parser, args.variants)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     build(work, SIZES[args.mode])
-    plan = {"sft": ["posttrain", "trl_defaults", "trl_no_ckpt", "trl_packed"],
-            "dpo": ["posttrain", "trl_defaults", "trl_no_ckpt"], "dpo_warm": ["posttrain_warm"]}
-    if args.variants is not None:
-        known = {v for variants in plan.values() for v in variants}
-        if unknown := sorted(set(args.variants) - known):
-            parser.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(sorted(known))})")
-        plan = {task: [v for v in variants if v in args.variants] for task, variants in plan.items()}
-        if plan["dpo_warm"] and "posttrain" not in args.variants:
-            parser.error("--variants: posttrain_warm reruns DPO on the cache posttrain's run fills; add posttrain")
     tasks = ["sft", "dpo"] if args.task == "all" else [args.task]
     print(f"bench_train: mode {args.mode}, work dir {work}", flush=True)
     lockstep = args.mode != "gpu" if args.lockstep == "auto" else args.lockstep == "on"
@@ -639,22 +446,25 @@ def main() -> int:
             (Path(args.out) / "bench_train.json").write_text(json.dumps(report, indent=1))
         return report
 
+    def run(task, variants, together=False):
+        run_variants(work, args.mode, task, variants, together and lockstep, threads, save)
+
     if args.settle == "on" or (args.settle == "auto" and args.mode == "gpu"):
-        run_variants(work, args.mode, "sft", ["posttrain_settle"], False, threads, save)
+        run("sft", ["posttrain_settle"])
     for task in tasks:
         if plan[task]:
-            run_variants(work, args.mode, task, plan[task], lockstep, threads, save)
+            run(task, plan[task], together=True)
     if "dpo" in tasks and plan["dpo_warm"]:  # after the first run filled the reference cache
-        run_variants(work, args.mode, "dpo", plan["dpo_warm"], False, threads, save)
+        run("dpo", plan["dpo_warm"])
     for extra_round in range(1, args.rounds):  # alternating order, so that a drift of the machine hits both alike
         for task in tasks:
             pair = ["trl_defaults", "posttrain"] if extra_round % 2 else ["posttrain", "trl_defaults"]
             if all(v in plan[task] for v in pair):  # a repeat without the other one has nothing to compare with
-                run_variants(work, args.mode, task, pair, lockstep, threads, save)
+                run(task, pair, together=True)
     for task in tasks:  # last: the comparisons above come first when time is short
         extra = [name for name in args.extra if task in EXTRA_TASKS.get(name, ("sft",))]
         if extra:
-            run_variants(work, args.mode, task, extra, False, threads, save)
+            run(task, extra)
     print_table(results)
     report = save(final=True)
     print("\nratios (posttrain / TRL):\n" + json.dumps(report["ratios"], indent=2))

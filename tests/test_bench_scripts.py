@@ -90,7 +90,7 @@ def test_step_profile_counts_gpu_events_once():
 
     from torch.autograd import DeviceType
 
-    bench = load_script("bench_train")
+    measure = load_script("bench_train_measure")
     event = lambda key, device, us, annotation=False: SimpleNamespace(  # noqa: E731
         key=key, device_type=device, self_device_time_total=us, self_cpu_time_total=0.0 if device else us,
         is_user_annotation=annotation, count=1)
@@ -98,7 +98,7 @@ def test_step_profile_counts_gpu_events_once():
     averages = [event("aten::mm", DeviceType.CPU, 5000.0), event("sm90_gemm", DeviceType.CUDA, 4000.0),
                 event("Optimizer.step#AdamW.step", DeviceType.CUDA, 3000.0, annotation=True),
                 event(long + "A", DeviceType.CUDA, 9000.0), event(long + "B", DeviceType.CUDA, 1000.0)]
-    profile = bench.StepProfile(warmup=0)
+    profile = measure.StepProfile(warmup=0)
     profile.summarize(averages, steps=2)
     assert profile.summary["gpu_kernel_ms_per_step"] == 7.0  # (4000 + 9000 + 1000) us over 2 steps
     assert profile.summary["top_kernels_ms_per_step"][long[:80]] == 5.0
