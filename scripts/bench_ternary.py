@@ -52,6 +52,7 @@ from posttrain.ternary import (  # noqa: E402
     bitnet_weight_scale,
     convert,
     export_bitnet,
+    graph_generate,
     kernel,
     load_fast_ternary,
     pack_ternary,
@@ -266,59 +267,6 @@ def timed_generate(model, ids, new_tokens: int) -> float:
     return time.perf_counter() - t
 
 
-def graph_decode(model, ids, new_tokens: int, capture: bool = True) -> tuple[float, torch.Tensor]:
-    """Greedy decode with a StaticCache, each step one replay of a CUDA graph of the model forward (no Python or
-    launch overhead left): (tokens/s over new_tokens - 1 steps, prompt + generated tokens). capture=False runs the
-    same steps eagerly (a check of the cache bookkeeping that needs no GPU)."""
-    from transformers import StaticCache
-
-    n, cuda = ids.shape[1], ids.is_cuda
-    cache = StaticCache(model.config, max_cache_len=n + new_tokens + 1)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # past_key_values: renamed in newer transformers
-        out = model(ids, past_key_values=cache, cache_position=torch.arange(n, device=ids.device), use_cache=True)
-        tok, pos = out.logits[:, -1:].argmax(-1), torch.tensor([n], device=ids.device)
-
-        def step():
-            return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
-
-        # warm-up off the capture (lazy initialization, autotuning). It writes position n with the token that the
-        # first real step writes again; newer StaticCache layers write at their own counter (cumulative_length)
-        # instead of cache_position, so that counter is put back after the warm-up.
-        counters = [(layer.cumulative_length, layer.cumulative_length.clone()) for layer in getattr(cache, "layers", [])
-                    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
-        if cuda:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-        else:
-            step()
-        for counter, value in counters:
-            counter.copy_(value)
-        if capture:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = step()
-            replay = graph.replay
-        else:
-            holder = {}
-            replay = lambda: holder.__setitem__("logits", step())  # noqa: E731
-        tokens = [tok.clone()]
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            replay()
-            tok.copy_((logits if capture else holder["logits"])[:, -1:].argmax(-1))
-            pos.add_(1)
-            tokens.append(tok.clone())
-        if cuda:
-            torch.cuda.synchronize()
-        return (new_tokens - 1) / (time.perf_counter() - t), torch.cat([ids, *tokens], dim=1)
-
-
 def e2e_gpu(args) -> dict:
     """Decode tokens/s of a 1B-shaped random Llama: bf16 dense vs TernaryLinear (same weights, ternarized)."""
     dense, cfg = random_llama(args.hidden, args.layers, args.intermediate, 32000, torch.bfloat16, "cuda")
@@ -343,8 +291,9 @@ def e2e_gpu(args) -> dict:
                 expected = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
             rates = []
             for _ in range(3):
-                rate, tokens = graph_decode(model, ids, args.new_tokens)
-                rates.append(rate)
+                decoded = graph_generate(model, ids, args.new_tokens)  # the library's path, as users call it
+                rates.append(decoded.tokens_per_second())
+                tokens = decoded.tokens
             result[f"{name}_graph_decode_tok_s"] = statistics.median(rates)
             result[f"{name}_graph_tokens_match_generate"] = bool(torch.equal(tokens[:, : expected.shape[1]], expected))
         except Exception as err:  # noqa: BLE001 - capture may fail on another transformers version

@@ -3,7 +3,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
+
+from posttrain.errors import PosttrainError
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -16,22 +19,28 @@ def load_script(name: str):
 
 
 def test_static_cache_decode_equals_generate():
-    """bench_ternary's CUDA-graph decode: its warm-up step must not shift the StaticCache's write position
-    (transformers >= 5.2x writes at the layer's own counter, not at cache_position): run eagerly, the same steps
-    give generate's greedy tokens, for the dense model and with TernaryLinear swapped in."""
+    """graph_generate (the CUDA-graph decode bench_ternary measures): its warm-up step must not shift the
+    StaticCache's write position (transformers >= 5.2x writes at the layer's own counter, not at cache_position):
+    run eagerly, the same steps give generate's greedy tokens, for the dense model and with TernaryLinear swapped
+    in, for a batch of two prompts too."""
     bench = load_script("bench_ternary")
-    from posttrain.ternary import convert, load_fast_ternary
+    from posttrain.ternary import convert, graph_generate, load_fast_ternary
 
     dense, _ = bench.random_llama(128, 2, 256, 500, torch.float32, "cpu")
     ternary = bench.copy.deepcopy(dense)
     convert(ternary)
     load_fast_ternary(ternary)
-    ids = torch.randint(3, 500, (1, 8), generator=torch.Generator().manual_seed(0))
-    for model in (dense, ternary):
-        with torch.no_grad():
-            expected = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
-        _, tokens = bench.graph_decode(model, ids, 12, capture=False)
-        assert torch.equal(tokens, expected)
+    for rows in (1, 2):
+        ids = torch.randint(3, 500, (rows, 8), generator=torch.Generator().manual_seed(rows))
+        for model in (dense, ternary):
+            with torch.no_grad():
+                expected = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+            decoded = graph_generate(model, ids, 12)  # on the CPU: the same steps, eagerly
+            assert torch.equal(decoded.tokens, expected) and decoded.tokens_per_second() > 0
+    with pytest.raises(PosttrainError, match="CUDA"):
+        graph_generate(dense, ids, 4, cuda_graph=True)
+    with pytest.raises(PosttrainError, match="max_new_tokens"):
+        graph_generate(dense, ids, 0)
 
 
 def test_kernel_row_checks_and_times_on_the_cpu():

@@ -6,6 +6,7 @@ Typical QAT flow:
     export_bitnet(model, tokenizer, "out/")                 # AutoModelForCausalLM.from_pretrained("out/")
     export_gguf(model, tokenizer, "gguf/", "gguf-tq2")      # llama.cpp: gguf/model-tq2_0.gguf (needs `gguf`)
     fast = load_fast_ternary("out/", device="cuda")         # packed 2-bit kernels (Triton / C), same outputs
+    graph_generate(fast, input_ids, 128).tokens             # decode as CUDA-graph replays: 1.16x bf16 on an H200
 """
 
 from posttrain.ternary.bitlinear import (
@@ -17,6 +18,7 @@ from posttrain.ternary.bitlinear import (
     set_quant_lambda,
     ternarize_,
 )
+from posttrain.ternary.decode import Decoded, graph_generate
 from posttrain.ternary.export import (
     bits_per_weight,
     export_bitnet,
@@ -59,6 +61,7 @@ __all__ = [
     "BitLinear",
     "TernaryLambdaCallback",
     "TernaryLinear",
+    "Decoded",
     "absmean_scale",
     "activation_codes",
     "activation_quant",
@@ -72,6 +75,7 @@ __all__ = [
     "export_gguf",
     "fuse_shared_inputs",
     "gguf_bits_per_weight",
+    "graph_generate",
     "lambda_at",
     "latent_from_ternary",
     "load_ternary",
