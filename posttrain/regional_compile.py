@@ -17,7 +17,8 @@ Opt-in (train.compile: true). Two H200 runs of the Qwen2.5-0.5B shape's default 
 compiled 44.0k vs eager 22.9k real tokens/s in one, 25.2k vs 33.0k in the other, with the same losses and a lower
 peak (8.1 vs 9.6 GiB) in both; the host-bound step's rate followed the host's speed, which drifted more than
 that between runs, and the slower run was each time the first after the machine started (docs/BENCHMARKS.md).
-The first steps compile for ~25 s there. DPO measured slower compiled (27.3 vs 34.9 pairs/s), not understood.
+The first steps compile for ~25 s there. DPO measured 27.3 pairs/s compiled against 34.9 eager in one run,
+a gap within that run-to-run spread; on the CPU compiled DPO steps were ~8% slower (a 24-layer narrow model).
 On the CPU the compile time (~15 s for a small model) outweighs the gain in short runs.
 """
 
