@@ -35,7 +35,8 @@ held-out documents after the epoch (the same documents and tokens for every vari
 the last quarter of the steps; DPO compares the losses step by step (same pairs in the same order). Prints a table
 and the ratios; writes bench_train.json to $OUT (or --out). CPU timings on a shared machine are indicative only.
 Exploration variants (--extra) add posttrain runs with one setting changed, and posttrain_profile (the defaults
-under torch.profiler for 3 steps: GPU kernel time per step against the wall time says host- or GPU-bound).
+under torch.profiler for 3 steps: GPU kernel time per step against the wall time says host- or GPU-bound), and
+posttrain_cudagraphs (full rows and each layer's passes as CUDA graphs: an idea under test, bench_train_explore.py).
 
 Noise on a GPU host: the 0.5B step is host-bound, so its rate follows the host CPU. Two H200 calls of the same code
 (session 4) measured posttrain's eager defaults at 22.9k and 33.0k tokens/s and the compiled layers at 44.0k and
@@ -170,6 +171,7 @@ def token_ids(work: Path, name: str) -> list[list[int]]:
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
          "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"],
+         "posttrain_cudagraphs": ["train.compile=true"],  # + full rows, CUDA graphs: bench_train_explore.py
          "posttrain_profile": [],  # posttrain's defaults under torch.profiler (StepProfile)
          "posttrain_settle": ["train.max_steps=12"]}  # the GPU's throwaway first run (see main), never compared
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
@@ -248,6 +250,10 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
 
     size = SIZES[mode]
     load_at_start = os.getloadavg()[0]  # the host's busyness: a host-bound step is as fast as its CPU
+    if variant == "posttrain_cudagraphs":
+        from bench_train_explore import patch_for_cudagraphs
+
+        patch_for_cudagraphs(size["max_length"])
     if variant == "posttrain_liger" and os.environ.get("BENCH_LIGER_PATH"):
         sys.path.insert(0, os.environ["BENCH_LIGER_PATH"])
     if torch.cuda.is_available():

@@ -37,8 +37,10 @@ for part in $parts; do
         e2e) run_part ternary_e2e "${LIMIT_E2E:-80}" python3 scripts/bench_ternary.py --skip-kernels \
                  --json "$OUT/ternary_e2e.json" ;;
         train)
-            # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure
-            extra=${TRAIN_EXTRA-posttrain_profile posttrain_compile posttrain_liger posttrain_8k}  # TRAIN_EXTRA= : none
+            # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure (TRAIN_EXTRA=
+            # for none)
+            extra=${TRAIN_EXTRA-posttrain_compile posttrain_cudagraphs posttrain_profile posttrain_liger \
+                posttrain_8k}
             if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
                 python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \
                     && export BENCH_LIGER_PATH=/tmp/liger_site

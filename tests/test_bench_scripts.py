@@ -112,3 +112,13 @@ def test_step_profile_counts_gpu_events_once():
     assert profile.summary["gpu_kernel_ms_per_step"] == 7.0  # (4000 + 9000 + 1000) us over 2 steps
     assert profile.summary["top_kernels_ms_per_step"][long[:80]] == 5.0
     assert "Optimizer.step#AdamW.step" not in profile.summary["top_kernels_ms_per_step"]
+
+
+def test_cudagraph_variant_pads_rows_with_a_segment_of_their_own():
+    """posttrain_cudagraphs fills every packed row to max_length the way the collator fills short rows: pad tokens
+    at positions 0.. with ignored labels, so the documents and the loss are unchanged."""
+    explore = load_script("bench_train_explore")
+    row = {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "position_ids": [0, 1, 2, 0, 1]}
+    full = explore.pad_row(row, 8, pad_token_id=0)
+    assert full["input_ids"] == [5, 6, 7, 8, 9, 0, 0, 0] and full["labels"] == [5, 6, 7, 8, 9, -100, -100, -100]
+    assert full["position_ids"] == [0, 1, 2, 0, 1, 0, 1, 2] and explore.pad_row(full, 8, 0) is full
