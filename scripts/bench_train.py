@@ -171,7 +171,8 @@ def token_ids(work: Path, name: str) -> list[list[int]]:
 # that the other variants measure the base install.
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
          "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"],
-         "posttrain_cudagraphs": ["train.compile=true"],  # + full rows, CUDA graphs: bench_train_explore.py
+         "posttrain_cudagraphs": ["train.compile=true", "train.grad_accum=1",  # + full rows, CUDA graphs:
+                                  "model.attn_implementation=sdpa"],  # bench_train_explore.py says why these
          "posttrain_profile": [],  # posttrain's defaults under torch.profiler (StepProfile)
          "posttrain_settle": ["train.max_steps=12"]}  # the GPU's throwaway first run (see main), never compared
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
@@ -274,6 +275,10 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
               **measure.peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
     if profile:
         result["profile"] = profile.summary
+    if variant == "posttrain_cudagraphs":
+        from bench_train_explore import cudagraph_skips
+
+        result["cudagraph_skips"] = cudagraph_skips()  # 0: every compiled pass really replayed as a graph
     if task == "sft":
         from transformers import AutoModelForCausalLM
 

@@ -8,7 +8,10 @@ shapes, so that its forward and backward replay as CUDA graphs (torch's cudagrap
 its GPU work is at most ~60 ms (docs/BENCHMARKS.md); replayed graphs cost one launch per layer and pass. Rows
 are ~96% full, so the padding costs ~4% of the compute; every step then has the same shape (the last one aside).
 On a CPU mode="reduce-overhead" skips the graphs and this is plain static compilation (the smoke run checks the
-wiring and the losses, not the speed).
+wiring and the losses, not the speed). The variant also sets train.grad_accum=1 (a second micro-batch's graph
+replay would overwrite the first one's gradients, which live in the graphs' memory pool) and sdpa attention
+(with flash-attn posttrain concatenates a micro-batch's rows into one of varying length: a recompile per length).
+Its result counts cudagraph_skips: compiled passes torch ran without a graph (the log says why).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def patch_for_cudagraphs(max_length: int) -> None:
     import posttrain.regional_compile as regional
 
     def compile_static(model) -> int:
+        import torch
+
+        torch._dynamo.config.suppress_errors = True  # as compile_decoder_layers: a frame that fails runs eagerly
         layers = regional.decoder_layers(model)
         for layer in layers:
             layer.compile(mode="reduce-overhead", dynamic=False)
@@ -48,3 +54,11 @@ def patch_for_cudagraphs(max_length: int) -> None:
 
     regional.compile_decoder_layers = compile_static
     packing.PaddingFreeCollator.__call__ = collate_full_rows
+
+
+def cudagraph_skips() -> int:
+    """How many compiled passes torch ran without a CUDA graph in this process (inductor's counter; the reasons are
+    in the log as "skipping cudagraphs due to ...")."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])

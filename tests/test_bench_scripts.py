@@ -43,6 +43,27 @@ def test_static_cache_decode_equals_generate():
         graph_generate(dense, ids, 0)
 
 
+def test_graph_generate_sliding_window_eager_exact_and_capture_refused():
+    """Sliding-window cache layers count positions in a Python int that a CUDA graph would freeze: capture is
+    refused with a clear error, and the eager replay (its counter put back after the warm-up) equals generate
+    past the window; the model's training flag is restored."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from posttrain.ternary import graph_generate
+
+    cfg = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=14, min_new_tokens=14, do_sample=False, pad_token_id=0)
+    model.train()
+    assert torch.equal(graph_generate(model, ids, 14, cuda_graph=False).tokens, expected) and model.training
+    with pytest.raises(PosttrainError, match="sliding-window"):
+        graph_generate(model, ids, 4, cuda_graph=True)
+
+
 def test_kernel_row_checks_and_times_on_the_cpu():
     """bench_ternary's per-shape row: the kernel is checked against the reference before anything is timed."""
     bench = load_script("bench_ternary")
