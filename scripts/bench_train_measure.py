@@ -60,7 +60,9 @@ class Clock:
                 if state.global_step == clock.warmup:
                     clock.tokens0, clock.wall0 = state.num_input_tokens_seen, now
                 elif not clock.lock and state.global_step == state.max_steps:
-                    clock.seconds, clock.all_seconds = now - clock.wall0, now - clock.start
+                    # a run no longer than its warm-up (wall0 unset) measures nothing: rates None, not a crash
+                    clock.seconds = now - clock.wall0 if clock.wall0 is not None else 0.0
+                    clock.all_seconds = now - clock.start
                 clock.tokens1, clock.steps = state.num_input_tokens_seen, state.global_step
                 clock.release()
 

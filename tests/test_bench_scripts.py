@@ -143,3 +143,18 @@ def test_cudagraph_variant_pads_rows_with_a_segment_of_their_own():
     full = explore.pad_row(row, 8, pad_token_id=0)
     assert full["input_ids"] == [5, 6, 7, 8, 9, 0, 0, 0] and full["labels"] == [5, 6, 7, 8, 9, -100, -100, -100]
     assert full["position_ids"] == [0, 1, 2, 0, 1, 0, 1, 2] and explore.pad_row(full, 8, 0) is full
+
+
+def test_clock_of_a_run_no_longer_than_its_warm_up_measures_nothing():
+    """A variant that stops within its warm-up steps reports no rate instead of crashing the bench."""
+    from types import SimpleNamespace
+
+    measure = load_script("bench_train_measure")
+    clock = measure.Clock(warmup=5)
+    callback = clock.callback()
+    for step in (1, 2):
+        state = SimpleNamespace(global_step=step, max_steps=2, num_input_tokens_seen=100 * step)
+        callback.on_step_begin(None, state, None)
+        callback.on_step_end(None, state, None)
+    result = clock.result(batch=8)
+    assert result["tokens_per_s"] is None and result["pairs_per_s"] is None and result["steps"] == 2
