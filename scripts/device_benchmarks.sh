@@ -11,9 +11,10 @@
 # ~90 s: a GPU host's speed drifts (two calls of the same code differed by 1.4x), see bench_train.py. The
 # exploration variants (TRAIN_EXTRA) run last, so a time limit (LIMIT_TRAIN, default 390 s) cuts them first: give
 # them a call of their own (TRAIN_VARIANTS="posttrain trl_defaults" TRAIN_ROUNDS=1 and the extras) when they matter.
-# One 15-minute session: call 1 `kernels e2e` plus train with TRAIN_EXTRA as needed, then one rerun; a machine's
-# start costs ~30 s and each further start needs 240 s of budget left. Helpers (subagents) must not call the
-# device tools: they share the session's budget.
+# The default limits (kernels 100, e2e 70, train 390 s) keep a call of all three parts under the device's 600 s per
+# command. One 15-minute session: two calls of ~400 s (a machine's start costs ~30 s; each further start needs
+# 240 s of budget left), e.g. `train` with the exploration variants first, then what its results call for.
+# Helpers (subagents) must not call the device tools: they share the session's budget.
 set -u
 OUT=${OUT:-/tmp/posttrain-bench}
 mkdir -p "$OUT"
@@ -32,9 +33,9 @@ run_part() {  # name limit command...: the command's output goes to $OUT/name.lo
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || echo "no nvidia-smi"
 for part in $parts; do
     case $part in
-        kernels) run_part ternary_kernels "${LIMIT_KERNELS:-120}" python3 scripts/bench_ternary.py --skip-e2e \
+        kernels) run_part ternary_kernels "${LIMIT_KERNELS:-100}" python3 scripts/bench_ternary.py --skip-e2e \
                      --json "$OUT/ternary_kernels.json" ;;
-        e2e) run_part ternary_e2e "${LIMIT_E2E:-80}" python3 scripts/bench_ternary.py --skip-kernels \
+        e2e) run_part ternary_e2e "${LIMIT_E2E:-70}" python3 scripts/bench_ternary.py --skip-kernels \
                  --json "$OUT/ternary_e2e.json" ;;
         train)
             # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure (TRAIN_EXTRA=
