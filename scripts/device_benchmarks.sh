@@ -48,8 +48,9 @@ for part in $parts; do
             else
                 extra=${extra//posttrain_liger/}
             fi
-            run_part train "${LIMIT_TRAIN:-390}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" --extra $extra \
-                --rounds "${TRAIN_ROUNDS:-2}" ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} --out "$OUT/train" ;;
+            run_part train "${LIMIT_TRAIN:-390}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" \
+                --extra $extra --rounds "${TRAIN_ROUNDS:-2}" ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
+                --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
     esac
 done
