@@ -180,6 +180,19 @@ def layer_fns(K: int, N: int, m: int, device: str, dtype: torch.dtype) -> tuple[
     return fns, check
 
 
+def gemv_tuning(K: int, N: int) -> dict:
+    """What the one-token kernel's tuner measured on this shape (float output, no bias): the config it chose and
+    every good candidate's time, fastest first (do_bench, weights from HBM)."""
+    from posttrain.ternary import gemv
+
+    for key, times in gemv.GEMV_TIMES.items():
+        if key[3] == (N // 4, K) and not key[4] and not key[5] and not key[6]:  # no col map, no bias, not integer
+            order = sorted(times, key=times.get)
+            return {"gemv_config": order[0]._asdict(),
+                    "gemv_tuning_us": [[list(config), round(times[config] * 1e3, 2)] for config in order]}
+    return {}
+
+
 def kernel_row(K: int, N: int, m: int, device: str, dtype: torch.dtype) -> dict:
     row = {"in": K, "out": N, "m": m}
     try:
@@ -210,6 +223,9 @@ def kernel_row(K: int, N: int, m: int, device: str, dtype: torch.dtype) -> dict:
                 row["graph_x_vs_hf_bitlinear"] = row["hf_bitlinear_graph_us"] / row["ternary_graph_us"]
             if "ternary_graph_us" in row:  # packed bytes over the whole layer's GPU time
                 row["graph_GBps"] = N * K / 4 / (row["ternary_graph_us"] * 1e-6) / 1e9
+            if m == 1:
+                row.update(gemv_tuning(K, N))
+                print(f"  one-token kernel on {K}x{N}: {row.get('gemv_config')}", flush=True)
         row["x_vs_dense"] = row["dense_us"] / row["ternary_us"]
         if "hf_bitlinear_us" in row:
             row["x_vs_hf_bitlinear"] = row["hf_bitlinear_us"] / row["ternary_us"]

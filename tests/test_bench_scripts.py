@@ -158,3 +158,20 @@ def test_clock_of_a_run_no_longer_than_its_warm_up_measures_nothing():
         callback.on_step_end(None, state, None)
     result = clock.result(batch=8)
     assert result["tokens_per_s"] is None and result["pairs_per_s"] is None and result["steps"] == 2
+
+
+def test_gemv_tuning_reports_the_float_output_entry_fastest_first(monkeypatch):
+    """bench_ternary reports, per m = 1 shape, what the one-token kernel's tuner measured: the chosen config and
+    every good one's time, from the entry of the plain float output (not the self-check's integer one)."""
+    bench = load_script("bench_ternary")
+    from posttrain.ternary import gemv
+
+    slow, fast = gemv.GEMV_CONFIGS[0], gemv.GEMV_CONFIGS[-1]
+    shape = torch.Size([3584, 4096])
+    monkeypatch.setattr(gemv, "GEMV_TIMES", {
+        ("cuda", torch.bfloat16, torch.int32, shape, False, False, True): {slow: 0.001},  # integer output
+        ("cuda", torch.bfloat16, torch.bfloat16, shape, False, False, False): {slow: 0.0152, fast: 0.0101}})
+    tuning = bench.gemv_tuning(4096, 14336)
+    assert tuning["gemv_config"] == fast._asdict()
+    assert tuning["gemv_tuning_us"] == [[list(fast), 10.1], [list(slow), 15.2]]
+    assert bench.gemv_tuning(2560, 6912) == {}

@@ -120,7 +120,7 @@ def test_triton_kernels_compile_for_nvidia_gpus(arch):
         assert compiled.asm.get("cubin"), config
     from posttrain.ternary import gemv
 
-    for i, (block_n, block_k, warps, stages, acc_2d) in enumerate(gemv.GEMV_CONFIGS):  # one token: dp4a PTX
+    for i, config in enumerate(gemv.GEMV_CONFIGS):  # one token: dp4a PTX
         out = ("bf16", "fp32")[i % 2]
         flags = {"HAS_MAP": i % 2 == 1, "HAS_BIAS": i % 4 < 2, "INT_OUT": i == 0, "ROUND_BF16": out == "bf16",
                  "IS_BF16": out == "bf16", "USE_DP4A": True}
@@ -128,9 +128,11 @@ def test_triton_kernels_compile_for_nvidia_gpus(arch):
                  "y_ptr": "*i32" if flags["INT_OUT"] else f"*{out}", "base_ptr": "*i32", "step_ptr": "*i32",
                  "R": "i32", "K": "i32", "stride_wr": "i32"}
         compiled = _compile_for(arch, gemv._kernels()["gemv"], types,
-                                {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k, "QUANT_BLOCK": 4096,
-                                 "ACC_2D": acc_2d},
-                                {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False})
+                                {**flags, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                                 "QUANT_BLOCK": config.quant_block, "ACC_2D": config.acc_2d,
+                                 "PREFETCH": config.prefetch},
+                                {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                 "enable_fp_fusion": False})
         assert "dp4a" in compiled.asm["ptx"] and compiled.asm.get("cubin")
 
 
@@ -267,16 +269,19 @@ def test_interpreted_fused_groups(triton_interpret, tokens):
     assert all(torch.equal(a, b) for a, b in zip(alone, outs))
 
 
-@pytest.mark.parametrize("acc_2d", [False, True])
+@pytest.mark.parametrize("config", [(16, 64, 4, 1, False, False, 1024), (16, 64, 4, 1, True, False, 64),
+                                    (4, 128, 1, 1, False, True, 128), (8, 64, 2, 1, True, True, 16)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_interpreted_gemv_exact(triton_interpret, dtype, acc_2d, monkeypatch):
-    """One token takes the fused one-launch kernel (32-bit words, byte dot products), in both accumulator layouts:
-    exact against the reference, with K not a multiple of the K block, with and without bias; K % 4 != 0 falls
-    back to the two-kernel path."""
+def test_interpreted_gemv_exact(triton_interpret, dtype, config, monkeypatch):
+    """One token takes the fused one-launch kernel (32-bit words, byte dot products), in both accumulator layouts,
+    with and without the one-step-ahead weight loads: exact against the reference, with K not a multiple of the K
+    block (and K shorter than one block), the token's scale over one or several tiles, with and without bias;
+    K % 4 != 0 falls back to the two-kernel path."""
     from posttrain.ternary import gemv
 
     kernel = triton_interpret
-    monkeypatch.setattr(gemv, "INTERPRET_GEMV_CONFIG", (16, 64, 4, 1, acc_2d))
+    config = gemv.GemvConfig(*config)
+    monkeypatch.setattr(gemv, "INTERPRET_GEMV_CONFIG", config)
     monkeypatch.setattr(gemv, "_GEMV_TUNED", {})
     calls = []
     original = gemv.launch
@@ -289,7 +294,7 @@ def test_interpreted_gemv_exact(triton_interpret, dtype, acc_2d, monkeypatch):
         for b in (None, bias):
             y = kernel.ternary_linear_triton(x, packed, scales(ws, N), b)
             assert y.dtype == dtype and torch.equal(y, ternary_linear_reference(x, packed, ws, b)), K
-    assert calls == [(16, 64, 4, 1, acc_2d)] * 9
+    assert calls == [config] * 9
     packed, ws, _ = random_layer(98, 32, seed=6, dtype=dtype)  # K % 4 != 0: words would straddle rows
     x = activations(1, 98, seed=6, dtype=dtype)
     assert torch.equal(kernel.ternary_linear_triton(x, packed, scales(ws, 32)), ternary_linear_reference(x, packed, ws))

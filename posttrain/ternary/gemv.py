@@ -7,14 +7,17 @@ BLOCK_N packed rows quantizes the token itself (it sits in L2) and reads the wei
 one mask and one dp4a per 4 weight bytes and bit plane (_gemv_fn). Same math and bits as
 kernel.ternary_linear_reference; the layout is kernel.py's (transformers' BitNet packing, fused groups through
 the same column map). Every configuration is checked against the reference on first use per device and dtype,
-and the fastest good one is chosen per shape. On an H200 (session 4) every configuration passed that check and
-the kernel ran 4096x14336 in 12.0 us and 8192x28672 in 26.0 us of GPU time (docs/BENCHMARKS.md).
+and the fastest good one is chosen per shape. On an H200 (session 4) the first twelve configurations all passed
+that check and the kernel ran 4096x14336 in 12.0 us and 8192x28672 in 26.0 us of GPU time (docs/BENCHMARKS.md);
+the later candidates (GEMV_CONFIGS) are checked in the interpreter and compiled for sm_90/sm_80 in the tests, not
+yet run on a GPU.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -48,15 +51,24 @@ def _kernels() -> dict:
 def _gemv_fn(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, step_ptr, R, K, stride_wr,
              HAS_MAP: tl.constexpr, HAS_BIAS: tl.constexpr, INT_OUT: tl.constexpr, ROUND_BF16: tl.constexpr,
              IS_BF16: tl.constexpr, USE_DP4A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             QUANT_BLOCK: tl.constexpr, ACC_2D: tl.constexpr):  # fmt: skip
+             QUANT_BLOCK: tl.constexpr, ACC_2D: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     # One token (decode at batch 1), one launch: the activation quantization is fused (each program re-reads the
     # token, which sits in L2), and the weights are read as 32-bit words, 16 codes each. Plane i of a word,
     # (w >> 2i) & 0x03030303, holds the codes of 4 consecutive k in its 4 bytes: one dp4a (4-way byte dot product,
     # accumulating) against the 4 matching int8 activations packed the same way, i.e. a shift, a mask and a dp4a
     # per 4 weight bytes and plane where a multiply per code would be (the design; not yet measured on a GPU).
     # ACC_2D keeps per-word partial sums in dp4a's own accumulator and reduces across the tile once at the end
-    # (more registers); otherwise each K step reduces. The tuner picks per shape.
+    # (more registers); otherwise each K step reduces. PREFETCH loads each weight tile one K step ahead, the first
+    # one before the token's scale is known, so that HBM latency overlaps the quantization's reduction (the
+    # compiler's pipelining starts only at the loop). The tuner picks per shape.
     pid = tl.program_id(0)
+    WORDS: tl.constexpr = BLOCK_K // 4
+    rg = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rw = tl.arange(0, WORDS)
+    lane = tl.arange(0, 4)
+    w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32)) + rg.to(tl.int64)[:, None] * (stride_wr // 4) + rw[None, :]
+    if PREFETCH:
+        p_next = tl.load(w_ptrs, mask=(rg < R)[:, None] & (rw * 4 < K)[None, :], other=0)
     offs = tl.arange(0, QUANT_BLOCK)
     amax = tl.zeros((QUANT_BLOCK,), tl.float32)
     for k0 in range(0, K, QUANT_BLOCK):
@@ -69,11 +81,6 @@ def _gemv_fn(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, step_ptr, R, K, strid
         a = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     else:
         a = a.to(x_ptr.dtype.element_ty).to(tl.float32)
-    WORDS: tl.constexpr = BLOCK_K // 4
-    rg = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rw = tl.arange(0, WORDS)
-    lane = tl.arange(0, 4)
-    w_ptrs = w_ptr.to(tl.pointer_type(tl.uint32)) + rg.to(tl.int64)[:, None] * (stride_wr // 4) + rw[None, :]
     if ACC_2D:
         acc0 = tl.zeros((BLOCK_N, WORDS), tl.int32)
         acc1 = tl.zeros((BLOCK_N, WORDS), tl.int32)
@@ -93,7 +100,11 @@ def _gemv_fn(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, step_ptr, R, K, strid
         qsum += tl.sum(q, axis=1)
         qw = tl.sum((q & 0xFF) << (lane * 8)[None, :], axis=1)  # the 4 int8 codes of each word, packed
         qw = tl.broadcast_to(qw[None, :], (BLOCK_N, WORDS))
-        p = tl.load(w_ptrs, mask=(rg < R)[:, None] & (rw < (K - k0) // 4)[None, :], other=0)
+        if PREFETCH:  # this step's tile arrived during the last one; ask for the next (masked off past K)
+            p = p_next
+            p_next = tl.load(w_ptrs + WORDS, mask=(rg < R)[:, None] & (rw * 4 < K - k0 - BLOCK_K)[None, :], other=0)
+        else:
+            p = tl.load(w_ptrs, mask=(rg < R)[:, None] & (rw < (K - k0) // 4)[None, :], other=0)
         for plane in tl.static_range(4):  # unrolled; the ifs are resolved at compile time
             if plane == 0:
                 acc = acc0
@@ -172,17 +183,42 @@ def _gemv_fn(x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, base_ptr, step_ptr, R, K, strid
             tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
-# Decode GEMV candidates (BLOCK_N packed rows, BLOCK_K bytes of K per step, warps, stages, ACC_2D). Each is checked
-# against the reference once per device and dtype (gemv_configs), then the fastest good one is picked per shape
-# with triton.testing.do_bench (its L2 flush makes the weights come from HBM, as in a real decode). Tuned here
-# rather than by triton.autotune: the autotuner's per-call key building costs ~10 us of Python on every launch,
-# which a one-token decode cannot hide.
-GEMV_CONFIGS = [(16, 256, 4, 2, False), (16, 512, 4, 2, False), (32, 256, 4, 2, False), (32, 512, 8, 2, False),
-                (8, 512, 2, 2, False), (8, 1024, 4, 2, False), (16, 1024, 8, 1, False), (64, 256, 8, 2, False),
-                (16, 256, 4, 2, True), (32, 128, 4, 3, True), (16, 512, 8, 2, True), (8, 512, 4, 2, True)]
-INTERPRET_GEMV_CONFIG = (16, 64, 4, 1, False)
+class GemvConfig(NamedTuple):
+    """One launch configuration of _gemv_fn. quant_block caps the token tile the scale's max-reduction loads at
+    once: 4096 loads a 4096-wide token in one go but holds 32 values per thread of 4 warps, and the registers of
+    that peak bound how many programs an SM runs (ptxas, sm_90: 160 registers for 4 rows x 512 bytes on 2 warps,
+    56 with quant_block 512)."""
+
+    block_n: int  # packed rows per program (4 output rows each)
+    block_k: int  # bytes of K per step
+    num_warps: int
+    num_stages: int
+    acc_2d: bool = False  # per-word partial sums, reduced once at the end
+    prefetch: bool = False  # weight tiles loaded one K step ahead, the first before the token's scale
+    quant_block: int = 4096
+
+
+# Decode GEMV candidates. Each is checked against the reference once per device and dtype (gemv_configs), then the
+# fastest good one is picked per shape with triton.testing.do_bench (its L2 flush makes the weights come from HBM,
+# as in a real decode). Tuned here rather than by triton.autotune: the autotuner's per-call key building costs
+# ~10 us of Python on every launch, which a one-token decode cannot hide. The first twelve were measured on an H200
+# (session 4): 4096x14336 ran at 1.22 TB/s of packed weights and 8192x28672 at 2.26 TB/s, i.e. the smaller layer's
+# 224 programs of 16 rows kept too few loads in flight. Hence the later ones (not yet run on a GPU): 4 or 8 rows
+# per program (896 or 448 programs there) with a small quant_block (56-64 registers instead of 96-164), and the
+# one-step-ahead weight loads.
+GEMV_CONFIGS = [GemvConfig(16, 256, 4, 2), GemvConfig(16, 512, 4, 2), GemvConfig(32, 256, 4, 2),
+                GemvConfig(32, 512, 8, 2), GemvConfig(8, 512, 2, 2), GemvConfig(8, 1024, 4, 2),
+                GemvConfig(16, 1024, 8, 1), GemvConfig(64, 256, 8, 2), GemvConfig(16, 256, 4, 2, acc_2d=True),
+                GemvConfig(32, 128, 4, 3, acc_2d=True), GemvConfig(16, 512, 8, 2, acc_2d=True),
+                GemvConfig(8, 512, 4, 2, acc_2d=True),
+                GemvConfig(4, 512, 2, 2, quant_block=512), GemvConfig(4, 1024, 4, 2, quant_block=1024),
+                GemvConfig(4, 256, 2, 3, quant_block=512), GemvConfig(8, 512, 2, 2, quant_block=256),
+                GemvConfig(16, 256, 4, 1, prefetch=True), GemvConfig(8, 512, 2, 1, prefetch=True, quant_block=512),
+                GemvConfig(4, 1024, 4, 1, prefetch=True, quant_block=1024)]
+INTERPRET_GEMV_CONFIG = GemvConfig(16, 64, 4, 1, quant_block=1024)
 _GEMV_GOOD: dict = {}  # (device, dtype) -> the configs that gave the reference's bits there
 _GEMV_TUNED: dict = {}  # shape and flags -> the fastest good config
+GEMV_TIMES: dict = {}  # the same key -> {config: milliseconds} as tuned (scripts/bench_ternary.py reports them)
 
 
 _SWITCH: list[bool] = []  # POSTTRAIN_TERNARY_GEMV, read once (an environment read costs ~2 us per decode call)
@@ -230,7 +266,7 @@ def gemv_configs(device: torch.device, dtype: torch.dtype) -> list:
     return _GEMV_GOOD[key]
 
 
-def ready_config(x2, packed, out_dtype, bias, col_map, return_acc) -> tuple | None:
+def ready_config(x2, packed, out_dtype, bias, col_map, return_acc) -> GemvConfig | None:
     """The config for this call, checking and tuning on first use; None: use the two-kernel path. Nothing that
     synchronizes runs while a CUDA graph is being captured (then an unchecked or untuned case falls back)."""
     key = (x2.device, x2.dtype, out_dtype, packed.shape, col_map is not None, bias is not None, return_acc)
@@ -255,13 +291,14 @@ def ready_config(x2, packed, out_dtype, bias, col_map, return_acc) -> tuple | No
         except Exception:  # noqa: BLE001 - a candidate that cannot run here is simply not chosen
             return float("inf")
 
-    _GEMV_TUNED[key] = config = min(good, key=seconds)
+    GEMV_TIMES[key] = times = {config: seconds(config) for config in good}
+    _GEMV_TUNED[key] = config = min(good, key=times.get)
     return config
 
 
 def ternary_gemv(x2, packed, weight_scale, *, out_dtype, config, bias=None, col_map=None, return_acc=False, out=None):
     """y (1, N) for one token x2 (1, K): activation quantization and 2-bit matmul in one launch (see _gemv_fn);
-    config = (BLOCK_N, BLOCK_K, num_warps, num_stages, ACC_2D)."""
+    config: a GemvConfig."""
     if not gemv_applies(x2, packed) or weight_scale.numel() != 4 * packed.shape[0]:
         raise ValueError("ternary_gemv needs one token, K % 4 == 0, 4-byte aligned rows and one scale per column")
     return launch(x2, packed, weight_scale, out_dtype=out_dtype, config=config, bias=bias, col_map=col_map,
@@ -280,10 +317,10 @@ def launch(x2, packed, weight_scale, *, out_dtype, config, bias=None, col_map=No
              "ROUND_BF16": out_dtype == torch.bfloat16, "IS_BF16": x2.dtype == torch.bfloat16,
              "USE_DP4A": not interpret and torch.version.hip is None}  # dp4a: NVIDIA PTX
     extra = {} if interpret else {"enable_fp_fusion": False}  # x * a rounded before the rounding add, as torch
-    block_n, block_k, warps, stages, acc_2d = config
+    block_n, block_k, warps, stages, acc_2d, prefetch, quant_block = config  # unpacked: cheaper than attributes
     kernels["gemv"][(kernel.cdiv(R, block_n),)](
         x2, packed, weight_scale, bias if bias is not None else weight_scale, y, base, step, R, K, packed.stride(0),
-        **flags, BLOCK_N=block_n, BLOCK_K=block_k, QUANT_BLOCK=min(max(kernel.next_power_of_2(K), 16),
-                                                                     1024 if interpret else 4096),
-        ACC_2D=acc_2d, num_warps=warps, num_stages=stages, **extra)
+        **flags, BLOCK_N=block_n, BLOCK_K=block_k,
+        QUANT_BLOCK=min(max(kernel.next_power_of_2(K), 16), quant_block, 1024 if interpret else 4096),
+        ACC_2D=acc_2d, PREFETCH=prefetch, num_warps=warps, num_stages=stages, **extra)
     return y
