@@ -23,6 +23,7 @@ weight files, so that hash (seconds for a 0.5B model) is skipped unless TRL's ow
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import trl.trainer.dpo_trainer as trl_dpo
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from trl import DPOTrainer
 
 from posttrain import ref_cache
-from posttrain.models import adapter_base, is_adapter_dir, resolve_path
+from posttrain.models import adapter_base, is_adapter_dir, resolve_path, torch_dtype
 from posttrain.packing import PACKED_KEYS
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -168,3 +169,41 @@ def store_reference(dataset: Dataset, key: str, is_main_process: bool = True) ->
     """Save the reference log-probs just computed for `dataset` under `key` (once, by the main process)."""
     if is_main_process and all(c in dataset.column_names for c in REF_COLUMNS):
         ref_cache.save(key, dataset[REF_COLUMNS[0]], dataset[REF_COLUMNS[1]])
+
+
+@dataclass
+class ReferenceLookup:
+    """The train and eval pairs as Datasets, reference log-probs attached where the on-disk cache had them."""
+
+    train_set: Dataset
+    eval_set: Dataset | None
+    missing: dict[str, str]  # "train"/"eval" -> the cache key of each split whose log-probs this run computes
+
+    @property
+    def all_cached(self) -> bool:
+        return not self.missing
+
+
+def look_up_reference(cfg, model_cfg, ref_name: str, ref_resolved: str, train_pairs: list[dict],
+                      eval_pairs: list[dict] | None) -> ReferenceLookup:
+    """Attach cached reference log-probs; the key holds the reference weights, the tokenized pairs and the precision
+    (dtype, attention, and whether the base is 4-bit: a QLoRA base scores differently from the same weights)."""
+    reference = reference_fingerprint(ref_name, ref_resolved, cfg.model.revision)
+    quantized = cfg.adapter.quant_type if cfg.adapter and cfg.adapter.method == "qlora" else "full"
+    dtype = f"{torch_dtype(cfg.model.dtype)}|{model_cfg.attn_implementation}|{quantized}"
+    sets, missing = {"eval": None}, {}
+    for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+        if pairs:
+            sets[split], key, hit = with_cached_reference(pairs, reference, dtype)
+            if not hit:
+                missing[split] = key
+    source = ("from cache" if not missing else "computed this run") if cfg.dpo.precompute_ref else "computed each step"
+    print(f"posttrain: {len(train_pairs)} pairs; reference log-probs {source}")
+    return ReferenceLookup(sets["train"], sets["eval"], missing)
+
+
+def store_computed_reference(trainer, lookup: ReferenceLookup) -> None:
+    """Write what the trainer's precompute pass just added to each split the cache lacked (a hit is on disk)."""
+    datasets = {"train": trainer.train_dataset, "eval": trainer.eval_dataset}
+    for split, key in lookup.missing.items():
+        store_reference(datasets[split], key, trainer.accelerator.is_main_process)

@@ -20,13 +20,8 @@ from trl import DPOConfig
 
 from posttrain.checkpoints import guarded, train
 from posttrain.config import Config
-from posttrain.dpo_trainer import (
-    CachedReferenceDPOTrainer,
-    reference_fingerprint,
-    store_reference,
-    with_cached_reference,
-)
-from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path, torch_dtype
+from posttrain.dpo_trainer import CachedReferenceDPOTrainer, look_up_reference, store_computed_reference
+from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path
 from posttrain.outputs import finish_run, prepare_run_dir
 from posttrain.packing import PaddingFreePreferenceCollator, flat_rows_needed, prepare_model
 from posttrain.preference import preference_examples
@@ -34,6 +29,13 @@ from posttrain.ranks import on_main_then_shared
 from posttrain.regional_compile import compile_decoder_layers
 from posttrain.speed import fastest_attention, plan_dpo
 from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
+
+
+def dpo_arguments(cfg: Config, plan) -> dict:
+    """DPOConfig's own arguments; posttrain.training.trainer_args maps everything the recipes share."""
+    return dict(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, loss_weights=cfg.dpo.loss_weights,
+                label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref,
+                precompute_ref_batch_size=plan.reference_batch_size)
 
 
 def main(cfg: Config, resume: bool = False) -> dict:
@@ -47,25 +49,15 @@ def main(cfg: Config, resume: bool = False) -> dict:
     model_cfg = fastest_attention(cfg.model)  # flash-attn when installed, else sdpa (see posttrain.speed)
     ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
     ref_resolved = resolve_path(ref_name, cfg.model.allow_pickle)
-    reference = reference_fingerprint(ref_name, ref_resolved, cfg.model.revision)
-    # a 4-bit (QLoRA) base scores differently from the same weights in full precision
-    quantized = cfg.adapter.quant_type if cfg.adapter and cfg.adapter.method == "qlora" else "full"
-    dtype = f"{torch_dtype(cfg.model.dtype)}|{model_cfg.attn_implementation}|{quantized}"
-    train_set, train_key, train_hit = with_cached_reference(train_pairs, reference, dtype)
-    eval_set, eval_key, eval_hit = (with_cached_reference(eval_pairs, reference, dtype) if eval_pairs
-                                    else (None, None, True))
-    all_cached = cfg.dpo.precompute_ref and train_hit and eval_hit
-    print(f"posttrain: {len(train_pairs)} pairs; reference log-probs "
-          f"{'from cache' if all_cached else 'computed this run' if cfg.dpo.precompute_ref else 'computed each step'}")
+    lookup = look_up_reference(cfg, model_cfg, ref_name, ref_resolved, train_pairs, eval_pairs)
+    all_cached = cfg.dpo.precompute_ref and lookup.all_cached
 
     # 3. Policy, and a reference model only when one must run and differs from the starting model.
     model = load_model(model_cfg, resolved, tokenizer, cfg.adapter)
-    needs_ref_model = cfg.dpo.ref_model is not None and not all_cached
-    ref_cfg = dataclasses.replace(model_cfg, name_or_path=ref_name)
-    ref_model = load_model(ref_cfg, ref_resolved, tokenizer) if needs_ref_model else None
-    for loaded in (model, ref_model):
-        if loaded is not None:
-            prepare_model(loaded)  # no KV cache in training: packed sequences stay isolated
+    ref_model = (load_model(dataclasses.replace(model_cfg, name_or_path=ref_name), ref_resolved, tokenizer)
+                 if cfg.dpo.ref_model is not None and not all_cached else None)
+    for loaded in filter(None, (model, ref_model)):
+        prepare_model(loaded)  # no KV cache in training: packed sequences stay isolated
 
     # 4. Speed: micro-batch, accumulation, checkpointing, optimizer and kernels for this machine, each printed.
     plan = plan_dpo(cfg, model, train_pairs, reference_in_memory=not cfg.dpo.precompute_ref)
@@ -80,26 +72,20 @@ def main(cfg: Config, resume: bool = False) -> dict:
         ref_model=ref_model,
         data_collator=PaddingFreePreferenceCollator(tokenizer.pad_token_id, cfg.train.max_length,
                                                     flat_rows_needed(model)) if cfg.train.packing else None,
-        args=trainer_args(cfg, DPOConfig, run_dir, eval_set is not None, plan, beta=cfg.dpo.beta,
-                          loss_type=cfg.dpo.loss_type, loss_weights=cfg.dpo.loss_weights,
-                          label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref,
-                          precompute_ref_batch_size=plan.reference_batch_size),
-        train_dataset=train_set,
-        eval_dataset=eval_set,
+        args=trainer_args(cfg, DPOConfig, run_dir, lookup.eval_set is not None, plan, **dpo_arguments(cfg, plan)),
+        train_dataset=lookup.train_set,
+        eval_dataset=lookup.eval_set,
         processing_class=tokenizer,
         peft_config=lora_config(cfg.adapter, model),
         callbacks=[history],
     )
-    if cfg.dpo.precompute_ref:  # a hit is already on disk: only what was computed is written
-        if not train_hit:
-            store_reference(trainer.train_dataset, train_key, trainer.accelerator.is_main_process)
-        if eval_set is not None and not eval_hit:
-            store_reference(trainer.eval_dataset, eval_key, trainer.accelerator.is_main_process)
+    if cfg.dpo.precompute_ref:
+        store_computed_reference(trainer, lookup)
         trainer.ref_model = ref_model = None  # precomputed: the reference is never run again
     # The starting point's held-out rewards/accuracies/margins, then train, then the same after.
-    start_eval = trainer.evaluate() if eval_set is not None else {}
+    start_eval = trainer.evaluate() if lookup.eval_set is not None else {}
     train_output = train(trainer, resume)  # atomic checkpoints, --resume, NaN/SIGTERM guards
-    final_eval = trainer.evaluate() if eval_set is not None else {}
+    final_eval = trainer.evaluate() if lookup.eval_set is not None else {}
 
     # 6. Outputs, metrics.json last.
     extra = {"eval_start": start_eval, "eval": final_eval, "reference_cache_hit": bool(all_cached),
