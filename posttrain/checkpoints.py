@@ -15,6 +15,14 @@ does not do, posttrain adds here:
 
 Flags are agreed across processes (one tiny all-reduce per micro-step) so that under DDP every rank stops at
 the same step instead of one waiting forever for the others.
+
+Where they are read matters on a GPU. Reading a value the GPU computes (`.item()`, `bool(tensor)`) makes the host
+wait until the GPU has run everything queued so far. TRL's compute_loss already waits like this for its metrics,
+right after the forward. So the loss guard and the Trainer's token count (`include_num_input_tokens_seen`) are read
+there, where nothing is left to wait for. The Trainer reads both after the backward, which would make the host wait
+for the whole backward pass before it queues the optimizer step and loads the next batch. With this placement,
+nothing reads the GPU between the backward and the next forward (posttrain.training also turns off the Trainer's
+NaN-filtered logging, which read there too; a test checks this).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from posttrain.errors import PosttrainError
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".saving"  # inside the checkpoints folder; never matched by CHECKPOINT, so never resumed from
+_TRACK_TOKENS = "_track_num_input_tokens"  # transformers 5.x: the Trainer's per-micro-step token count
 
 
 class RunInterrupted(PosttrainError):
@@ -118,8 +127,20 @@ class GuardedTrainerMixin:
         self._staging_root: str | None = None
         self.add_callback(_StopAtStepEnd(self))
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        if self.model.training:  # after the forward, not the backward: see the module docstring
+            count_tokens = getattr(super(), _TRACK_TOKENS, None)
+            if count_tokens is not None:
+                count_tokens(inputs)
+            self._check_loss(result[0] if return_outputs else result)
+        return result
+
+    def _track_num_input_tokens(self, inputs):
+        """The Trainer calls this after the backward; compute_loss has already counted these tokens."""
+
+    def _check_loss(self, loss: torch.Tensor) -> None:
         bad, stop = _any_process([not bool(torch.isfinite(loss).all()), self.stop_request.signal_name is not None],
                                  loss.device)
         if bad:
@@ -130,7 +151,6 @@ class GuardedTrainerMixin:
                 f"optimizer applied it ({kept}); lower train.learning_rate or check the data, then rerun"
                 + (" with --resume" if last else ""))
         self.stop_agreed = self.stop_agreed or stop
-        return loss
 
     def _get_output_dir(self, trial):
         return self._staging_root or super()._get_output_dir(trial)

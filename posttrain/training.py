@@ -36,6 +36,14 @@ def precision_flags(precision: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not cuda}
 
 
+def transfer_flags() -> dict:
+    """On CUDA, batches are pinned (the Trainer's default) and copied without making the host wait for the GPU's
+    queued work (a blocking copy would wait for the previous step's optimizer before the next forward is queued)."""
+    import torch
+
+    return {"accelerator_config": {"non_blocking": True}} if torch.cuda.is_available() else {}
+
+
 def checkpointing_flag(args_class, enabled: bool) -> dict:
     """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; accept both."""
     names = {f.name for f in dataclasses.fields(args_class)}
@@ -76,11 +84,13 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=No
         save_steps=train.save_steps or 500,
         save_total_limit=train.save_total_limit or None,
         report_to=[] if train.report_to == "none" else [train.report_to],
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # counted right after the forward (checkpoints.py)
+        logging_nan_inf_filter=False,  # it reads the loss after the backward; the loss guard stops a non-finite run
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: skip DDP's extra graph walk
         dataloader_drop_last=False,
         **precision_flags(train.precision),
+        **transfer_flags(),
         **plan.trainer_kwargs(),
         **checkpointing_flag(args_class, plan.gradient_checkpointing),
         **recipe_args,

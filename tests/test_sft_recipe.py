@@ -1,6 +1,7 @@
 """The sft recipe on the tiny model: full, LoRA, QLoRA; outputs load with plain transformers / peft."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,31 @@ def test_compiled_layers_train_like_eager_and_save_the_same_names(tmp_path):
     assert [loss for _, loss in compiled["train_loss_history"]] == pytest.approx(losses, rel=1e-4, abs=1e-4)
     a, b = (AutoModelForCausalLM.from_pretrained(out).state_dict() for out in (eager_out, compiled_out))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_nothing_reads_the_device_between_the_backward_and_the_next_forward(tmp_path, monkeypatch, name):
+    """On a GPU, reading a tensor's value waits for all queued work. The Trainer reads the loss (NaN filter, our
+    guard) and counts tokens after the backward, which would stall the host there instead of letting it queue the
+    optimizer step and load the next batch while the backward runs; posttrain reads both right after the forward
+    (checkpoints.py). Here every .item() / bool() is recorded: between a step's backward and the next forward there
+    are none (logging_steps is out of reach, so only step 1 logs), and every micro-step's tokens are counted once."""
+    import transformers
+
+    events, counted = [], []
+    item, as_bool, backward = torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: events.append("read") or item(self))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: events.append("read") or as_bool(self))
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: events.append("backward") or backward(
+        self, *a, **k))
+    step = transformers.Trainer.training_step  # entered before each micro-step's forward
+    monkeypatch.setattr(transformers.Trainer, "training_step",
+                        lambda self, *a, **k: events.append("forward") or step(self, *a, **k))
+    track = transformers.Trainer._track_num_input_tokens
+    monkeypatch.setattr(transformers.Trainer, "_track_num_input_tokens",
+                        lambda self, inputs: counted.append(events[-1]) or track(self, inputs))
+    _, metrics = run_tiny(name, tmp_path / name, "train.max_steps=4", "train.logging_steps=100")
+    steps = "".join("F" if e == "forward" else "B" if e == "backward" else "r" for e in events)
+    gaps = re.findall(r"B(r*)F", steps)  # the reads from each backward to the next forward
+    assert steps.count("F") == 4 and len(gaps) == 3 and gaps[1:] == ["", ""], steps  # gaps[0]: step 1's log
+    assert len(counted) == 4 and metrics["trained_tokens"] > 0

@@ -230,13 +230,13 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 8}
 
 def act_quant(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q int8 (M, K), a float32 (M,), sum(q) int32 (M,)) for a 2-D activation x2 with unit last stride."""
-    kernels = _kernels()
+    interpret = _interpret()  # read once: an environment read costs ~2 us, per layer and call
+    kernels = _BUILT.get(interpret) or _kernels()
     M, K = x2.shape
     q = torch.empty(M, K, dtype=torch.int8, device=x2.device)
     a = torch.empty(M, dtype=torch.float32, device=x2.device)
     s = torch.empty(M, dtype=torch.int32, device=x2.device)
     if M:
-        interpret = _interpret()
         block = min(max(next_power_of_2(K), 16), 1024 if interpret else 4096)
         extra = {} if interpret else {"enable_fp_fusion": False, "num_warps": 4}
         is_bf16 = x2.dtype == torch.bfloat16
