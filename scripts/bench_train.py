@@ -174,7 +174,8 @@ EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["tra
          "posttrain_cudagraphs": ["train.compile=true", "train.grad_accum=1",  # + full rows, CUDA graphs:
                                   "model.attn_implementation=sdpa"],  # bench_train_explore.py says why these
          "posttrain_profile": [],  # posttrain's defaults under torch.profiler (StepProfile)
-         "posttrain_settle": ["train.max_steps=12"]}  # the GPU's throwaway first run (see main), never compared
+         "posttrain_settle": ["train.max_steps=12"],  # the GPU's throwaway first run (see main), never compared
+         "plain_loop": []}  # not posttrain: the same rows in a bare PyTorch loop (bench_train_explore.py)
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
                "posttrain_profile": ("sft", "dpo")}  # the others: sft only
 
@@ -251,6 +252,15 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
 
     size = SIZES[mode]
     load_at_start = os.getloadavg()[0]  # the host's busyness: a host-bound step is as fast as its CPU
+    if variant == "plain_loop":
+        from bench_train_explore import plain_loop
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        out, model = plain_loop(work, size, token_ids(work, "train.jsonl"), BATCH, tokenizer(work).pad_token_id)
+        return {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start, **out,
+                "held_out_loss": measure.held_out_loss(model, token_ids(work, "eval.jsonl")),
+                "late_train_loss": measure.late_loss(out["losses"])}
     if variant == "posttrain_cudagraphs":
         from bench_train_explore import patch_for_cudagraphs
 
@@ -354,6 +364,8 @@ def compare(results: list[dict], task: str) -> dict:
     total = lambda r: r["setup_s"] + r["all_steps_s"]  # noqa: E731
     if ours["steps"] == base["steps"] or task == "sft":  # GPU DPO: TRL runs fewer steps (trl_dpo_steps)
         out["setup_plus_all_steps_vs_trl_defaults"] = total(base) / total(ours)  # > 1: posttrain done sooner
+    if "plain_loop" in rows:  # the bare loop on the same rows: posttrain's framework overhead on this host
+        out[f"{rate}_vs_plain_loop"] = ours[rate] / rows["plain_loop"][rate]
     if "posttrain_warm" in rows:
         out["setup_warm_cache_vs_trl_defaults"] = rows["posttrain_warm"]["setup_s"] / base["setup_s"]
     spread = {name: max(r[rate] for r in runs) / min(r[rate] for r in runs) for name, runs in rounds.items()
@@ -391,7 +403,8 @@ def arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         help="torch threads per variant (default: 1 on CPU, where a busy machine makes two threads "
                              "wait for each other at every operation; the GPU mode leaves torch's default)")
     parser.add_argument("--extra", nargs="*", default=[], choices=sorted(set(EXTRA) - {"posttrain_settle"}),
-                        help="also run these exploration variants (posttrain with one setting changed; "
+                        help="also run these exploration variants (posttrain with one setting changed, or "
+                             "plain_loop: the same rows in a bare PyTorch loop; "
                              "SFT, and DPO where EXTRA_TASKS says so)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="run only these of the standard variants (posttrain, trl_defaults, trl_no_ckpt, "

@@ -12,6 +12,12 @@ wiring and the losses, not the speed). The variant also sets train.grad_accum=1 
 replay would overwrite the first one's gradients, which live in the graphs' memory pool) and sdpa attention
 (with flash-attn posttrain concatenates a micro-batch's rows into one of varying length: a recompile per length).
 Its result counts cudagraph_skips: compiled passes torch ran without a graph (the log says why).
+
+plain_loop: the limit the issue measures posttrain against ("a plain PyTorch loop", ../shared/DESIGN.md §5), on
+this host in this run: the rows posttrain packs (its packing code), as many per step as posttrain's plan takes,
+trained by a bare loop (forward with transformers' own loss, backward, clipping, fused AdamW, linear schedule; no
+Trainer, no callbacks, no metrics). posttrain's rate over this one is its framework overhead, whatever the host's
+speed (the anchors' host ran TRL 1.9x faster than session 4's).
 """
 
 from __future__ import annotations
@@ -62,3 +68,52 @@ def cudagraph_skips() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["cudagraph_skips"])
+
+
+def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id: int, seed: int = 42):
+    """plain_loop (see the module docstring): (measurements as bench_train's Clock takes them, the trained model)."""
+    import random
+    import time
+
+    import bench_train_measure as measure
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.packing import PaddingFreeCollator, pack_examples
+
+    start, cuda = time.perf_counter(), torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa").to(device)
+    model.config.use_cache = False  # with a cache, packed documents would attend to each other
+    docs = [d[:size["max_length"]] for d in docs]  # as posttrain truncates (keeping the start)
+    packed = pack_examples([{"input_ids": d, "labels": d} for d in docs], size["max_length"])
+    per_step = max(1, round(batch * packed.tokens / len(docs) / packed.mean_row_tokens))  # as posttrain's plan
+    rows = packed.rows[:]
+    random.Random(seed).shuffle(rows)
+    steps = [rows[i:i + per_step] for i in range(0, len(rows), per_step)]
+    collate = PaddingFreeCollator(pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0, fused=cuda)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / len(steps))
+    losses, tokens, wall0, setup = [], 0, None, time.perf_counter() - start
+    for i, step_rows in enumerate(steps, 1):
+        inputs = {k: (v.pin_memory() if cuda else v).to(device, non_blocking=True) for k, v in
+                  collate(step_rows).items()}
+        loss = model(**inputs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if i == size["warmup"]:
+            measure.sync()
+            wall0 = time.perf_counter()
+        elif i > size["warmup"]:
+            tokens += sum(len(row["input_ids"]) for row in step_rows)  # packed rows hold no padding
+    measure.sync()
+    seconds = time.perf_counter() - wall0 if wall0 is not None else 0.0
+    result = {"setup_s": setup, "tokens_per_s": tokens / seconds if seconds else None, "steps": len(steps),
+              "all_steps_s": time.perf_counter() - start - setup, "rows_per_step": per_step,
+              "losses": [float(loss) for loss in losses], **measure.peak_memory()}
+    return result, model
