@@ -364,8 +364,9 @@ def compare(results: list[dict], task: str) -> dict:
     total = lambda r: r["setup_s"] + r["all_steps_s"]  # noqa: E731
     if ours["steps"] == base["steps"] or task == "sft":  # GPU DPO: TRL runs fewer steps (trl_dpo_steps)
         out["setup_plus_all_steps_vs_trl_defaults"] = total(base) / total(ours)  # > 1: posttrain done sooner
-    if "plain_loop" in rows:  # the bare loop on the same rows: posttrain's framework overhead on this host
-        out[f"{rate}_vs_plain_loop"] = ours[rate] / rows["plain_loop"][rate]
+    plain = rows.get("plain_loop")  # the bare loop on the same rows: posttrain's framework overhead on this host
+    if plain and plain["timing"] == ours["timing"]:  # not in CPU lockstep, which counts step events only
+        out[f"{rate}_vs_plain_loop"] = ours[rate] / plain[rate]
     if "posttrain_warm" in rows:
         out["setup_warm_cache_vs_trl_defaults"] = rows["posttrain_warm"]["setup_s"] / base["setup_s"]
     spread = {name: max(r[rate] for r in runs) / min(r[rate] for r in runs) for name, runs in rounds.items()

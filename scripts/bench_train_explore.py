@@ -114,6 +114,7 @@ def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id
     measure.sync()
     seconds = time.perf_counter() - wall0 if wall0 is not None else 0.0
     result = {"setup_s": setup, "tokens_per_s": tokens / seconds if seconds else None, "steps": len(steps),
-              "all_steps_s": time.perf_counter() - start - setup, "rows_per_step": per_step,
+              "trained_tokens": sum(len(row["input_ids"]) for row in rows), "rows": len(rows),
+              "all_steps_s": time.perf_counter() - start - setup, "rows_per_step": per_step, "timing": "wall-clock",
               "losses": [float(loss) for loss in losses], **measure.peak_memory()}
     return result, model

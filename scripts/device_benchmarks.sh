@@ -40,7 +40,7 @@ for part in $parts; do
         train)
             # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure (TRAIN_EXTRA=
             # for none)
-            extra=${TRAIN_EXTRA-posttrain_compile posttrain_cudagraphs posttrain_profile posttrain_liger \
+            extra=${TRAIN_EXTRA-plain_loop posttrain_compile posttrain_cudagraphs posttrain_profile posttrain_liger \
                 posttrain_8k}
             if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
                 python3 -m pip install -q --no-index --no-deps --target /tmp/liger_site .whl/extra/liger_kernel-*.whl \

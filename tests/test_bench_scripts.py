@@ -113,6 +113,32 @@ def test_compare_leaves_out_a_variant_whose_first_round_failed():
     assert bench.compare(results, "sft") == {}
 
 
+def test_compare_against_the_plain_loop_only_on_the_same_clock():
+    """plain_loop (a bare loop over posttrain's rows) always times wall-clock; in CPU lockstep the standard variants
+    count step events only, so that ratio would mix two clocks and is left out."""
+    bench = load_script("bench_train")
+    row = {"task": "sft", "setup_s": 1.0, "all_steps_s": 2.0, "steps": 4, "held_out_loss": 2.0, "late_train_loss": 2.0}
+    plain = {**row, "variant": "plain_loop", "tokens_per_s": 500.0, "timing": "wall-clock"}
+    for timing, expected in (("wall-clock", 0.6), ("step events (lockstep)", None)):
+        results = [{**row, "variant": "posttrain", "tokens_per_s": 300.0, "timing": timing},
+                   {**row, "variant": "trl_defaults", "tokens_per_s": 100.0, "timing": timing}, plain]
+        assert bench.compare(results, "sft").get("tokens_per_s_vs_plain_loop") == expected
+
+def test_plain_loop_trains_every_document_once_in_posttrains_step_size(tmp_path):
+    """bench_train's plain_loop baseline: the documents (truncated to max_length as posttrain does) packed into
+    rows, as many rows per step as batch 8's tokens fill, each token trained once, and the loss falls."""
+    bench = load_script("bench_train")
+    import bench_train_explore
+
+    size = {**bench.SIZES["smoke"], "warmup": 1}
+    bench.build(tmp_path, size)
+    docs = bench.token_ids(tmp_path, "train.jsonl")
+    out, model = bench_train_explore.plain_loop(tmp_path, size, docs, 8, bench.tokenizer(tmp_path).pad_token_id)
+    assert out["trained_tokens"] == sum(min(len(d), size["max_length"]) for d in docs)
+    mean_doc, mean_row = out["trained_tokens"] / len(docs), out["trained_tokens"] / out["rows"]
+    assert abs(out["rows_per_step"] * mean_row - 8 * mean_doc) <= mean_row / 2  # batch 8's tokens, to a row
+    assert out["steps"] > 2 and out["tokens_per_s"] > 0 and out["losses"][-1] < out["losses"][0]
+
 def test_step_profile_counts_gpu_events_once():
     """StepProfile's GPU time: kernels only, not the CPU ops that launched them nor record_function regions
     mirrored on the GPU; kernels whose names are equal once cut are summed."""
