@@ -85,7 +85,9 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=No
         save_total_limit=train.save_total_limit or None,
         report_to=[] if train.report_to == "none" else [train.report_to],
         include_num_input_tokens_seen="non_padding",  # counted right after the forward (checkpoints.py)
-        logging_nan_inf_filter=False,  # it reads the loss after the backward; the loss guard stops a non-finite run
+        # The filter reads the loss after the backward, and the loss guard stops a non-finite run before it matters.
+        # Off, a non-finite evaluation batch also makes eval_loss NaN instead of being dropped: shown, not hidden.
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: skip DDP's extra graph walk
         dataloader_drop_last=False,

@@ -86,6 +86,7 @@ def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa").to(device)
     model.config.use_cache = False  # with a cache, packed documents would attend to each other
+    model.train()  # from_pretrained returns it in eval mode; the Trainer trains in train mode (dropout, if any)
     docs = [d[:size["max_length"]] for d in docs]  # as posttrain truncates (keeping the start)
     packed = pack_examples([{"input_ids": d, "labels": d} for d in docs], size["max_length"])
     per_step = max(1, round(batch * packed.tokens / len(docs) / packed.mean_row_tokens))  # as posttrain's plan
@@ -93,7 +94,7 @@ def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id
     random.Random(seed).shuffle(rows)
     steps = [rows[i:i + per_step] for i in range(0, len(rows), per_step)]
     collate = PaddingFreeCollator(pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0, fused=cuda)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size["lr"], weight_decay=0.0, fused=True)  # as posttrain
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 - done / len(steps))
     losses, tokens, wall0, setup = [], 0, None, time.perf_counter() - start
     for i, step_rows in enumerate(steps, 1):
