@@ -38,11 +38,10 @@ Exploration variants (--extra) add posttrain runs with one setting changed, and 
 under torch.profiler for 3 steps: GPU kernel time per step against the wall time says host- or GPU-bound), and
 posttrain_cudagraphs (full rows and each layer's passes as CUDA graphs: an idea under test, bench_train_explore.py).
 
-Noise on a GPU host: the 0.5B step is host-bound, so its rate follows the host CPU. Two H200 calls of the same code
-(session 4) measured posttrain's eager defaults at 22.9k and 33.0k tokens/s and the compiled layers at 44.0k and
-25.2k, the slower each time being the first training run after the machine started. Hence, on a GPU: a throwaway
-posttrain_settle run first (--settle), each result records the host's 1-minute load average at its start, and
---rounds N measures posttrain and trl_defaults N times, alternating, and compares their medians.
+Noise on a GPU host: the 0.5B step is host-bound, so its rate follows the host CPU (two H200 calls of the same code
+differed by 1.4x, the first training run after the machine started being the slower). Hence, on a GPU: a throwaway
+posttrain_settle run first (--settle), each result records the host's load average, --rounds N measures posttrain
+and trl_defaults (and --round-extra variants) N times, alternating, and the ratios use medians.
 """
 
 from __future__ import annotations
@@ -180,11 +179,12 @@ EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "d
                "posttrain_profile": ("sft", "dpo")}  # the others: sft only
 
 
-def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) -> tuple[dict, object]:
+def posttrain_run(work: Path, size: dict, task: str, variant: str) -> tuple[dict, object]:
     import posttrain
 
+    out_dir = work / f"{variant}-{task}"  # its own: variants may run at the same time (lockstep, rounds)
     common = [f"model.name_or_path={work / 'model'}", "data.eval=[]", "data.eval_fraction=0", "overwrite=true",
-              f"output_dir={work / ('pt-' + task)}", f"train.batch_size={BATCH}", "train.lr_scheduler=linear",
+              f"output_dir={out_dir}", f"train.batch_size={BATCH}", "train.lr_scheduler=linear",
               "train.warmup_ratio=0", "train.logging_steps=1", "train.seed=42"]
     if task == "sft":
         extra = [f"data.train={work / 'train.jsonl'}", "data.format=text", f"train.learning_rate={size['lr']}",
@@ -193,11 +193,11 @@ def posttrain_run(work: Path, size: dict, task: str, overrides: list[str] = ()) 
         extra = [f"data.train={work / 'pairs.jsonl'}", "data.format=preference", "recipe=dpo",
                  f"train.learning_rate={size['dpo_lr']}", f"train.max_length={3 * size['pair_words']}",
                  f"train.max_steps={size['dpo_steps']}"]
-    config = work / "base.yaml"
+    config = work / f"{variant}-{task}.yaml"
     config.write_text("recipe: sft\nmodel: {name_or_path: x}\ndata: {train: x}\noutput_dir: x\n")
-    metrics = posttrain.run(posttrain.load_config(config, common + extra + list(overrides)))
+    metrics = posttrain.run(posttrain.load_config(config, common + extra + EXTRA.get(variant, [])))
     losses = [loss for _, loss in metrics["train_loss_history"]]
-    return {"losses": losses, "speed": metrics.get("speed")}, work / ("pt-" + task)
+    return {"losses": losses, "speed": metrics.get("speed")}, out_dir
 
 
 def trl_sft(work: Path, size: dict, variant: str) -> tuple[dict, object]:
@@ -277,9 +277,9 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
     start = time.perf_counter()
     ours = variant.startswith("posttrain")
     if task == "sft":
-        out, trained = posttrain_run(work, size, task, EXTRA.get(variant, ())) if ours else trl_sft(work, size, variant)
+        out, trained = posttrain_run(work, size, task, variant) if ours else trl_sft(work, size, variant)
     else:
-        out = posttrain_run(work, size, task, EXTRA.get(variant, ()))[0] if ours else trl_dpo(work, size, variant)
+        out = posttrain_run(work, size, task, variant)[0] if ours else trl_dpo(work, size, variant)
     result = {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start,
               "setup_s": marks["train_start"] - start, **clock.result(BATCH),
               **measure.peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
@@ -349,8 +349,9 @@ def compare(results: list[dict], task: str) -> dict:
             rounds.setdefault(r["variant"], []).append(r)
     # A variant measured in several rounds (--rounds): its median rate, the rest (set-up with a cold reference
     # cache, losses) from its first round; a variant whose first round failed or measured nothing is left out.
-    rounds = {name: [r for r in runs if "error" not in r and r.get(rate)] for name, runs in rounds.items()
-              if "error" not in runs[0] and runs[0].get(rate)}
+    # Only rounds timed like the first one: on a CPU, runs in lockstep count step events, runs alone wall-clock.
+    rounds = {name: [r for r in runs if "error" not in r and r.get(rate) and r.get("timing") == runs[0].get("timing")]
+              for name, runs in rounds.items() if "error" not in runs[0] and runs[0].get(rate)}
     rows = {name: {**runs[0], rate: statistics.median(r[rate] for r in runs)} for name, runs in rounds.items()}
     ours, base = rows.get("posttrain"), rows.get("trl_defaults")
     if not (ours and base):
@@ -371,6 +372,10 @@ def compare(results: list[dict], task: str) -> dict:
         out["setup_warm_cache_vs_trl_defaults"] = rows["posttrain_warm"]["setup_s"] / base["setup_s"]
     spread = {name: max(r[rate] for r in runs) / min(r[rate] for r in runs) for name, runs in rounds.items()
               if len(runs) > 1}
+    others = {name: row[rate] / ours[rate] for name, row in rows.items()
+              if name.startswith("posttrain_") and name not in ("posttrain_settle", "posttrain_warm")}
+    if others:  # posttrain with one setting changed, over the defaults: what making it the default would gain
+        out[f"{rate}_extra_vs_posttrain"] = others
     if spread:  # the same variant's fastest round over its slowest: how much the machine itself varied
         out[f"{rate}_round_spread"] = spread
     if task == "sft":
@@ -398,11 +403,9 @@ def arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--task", choices=["sft", "dpo", "all"], default="all")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for bench_train.json (default: $OUT)")
     parser.add_argument("--lockstep", choices=["auto", "on", "off"], default="auto",
-                        help="run the variants at once, taking turns step by step (auto: on for CPU modes; on a GPU "
-                             "they run one after the other, so that posttrain sees the whole GPU's memory)")
+                        help="run the variants at once, taking turns step by step (auto: on for CPU modes)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per variant (default: 1 on CPU, where a busy machine makes two threads "
-                             "wait for each other at every operation; the GPU mode leaves torch's default)")
+                        help="torch threads per variant (default: 1 on CPU, torch's default on a GPU)")
     parser.add_argument("--extra", nargs="*", default=[], choices=sorted(set(EXTRA) - {"posttrain_settle"}),
                         help="also run these exploration variants (posttrain with one setting changed, or "
                              "plain_loop: the same rows in a bare PyTorch loop; "
@@ -415,6 +418,9 @@ def arguments() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         help="measure posttrain and trl_defaults this many times, alternating, after the standard "
                              "variants (before --extra); the ratios use each one's median and report the spread "
                              "(a GPU host's speed drifts: two H200 runs of the same code differed by 1.4x)")
+    parser.add_argument("--round-extra", nargs="*", default=[], choices=sorted(set(EXTRA) - {"posttrain_settle"}),
+                        help="exploration variants that join every extra round too (measured --rounds times), e.g. "
+                             "posttrain_compile: a default decided on medians, not on one run")
     parser.add_argument("--settle", choices=["auto", "on", "off"], default="auto",
                         help="a throwaway posttrain run of a few steps before the measured ones (auto: on a GPU, "
                              "where the first run after the machine starts measured up to 1.4x slower)")
@@ -481,13 +487,15 @@ def main() -> int:
             run(task, plan[task], together=True)
     if "dpo" in tasks and plan["dpo_warm"]:  # after the first run filled the reference cache
         run("dpo", plan["dpo_warm"])
-    for extra_round in range(1, args.rounds):  # alternating order, so that a drift of the machine hits both alike
+    for extra_round in range(1, args.rounds):  # alternating order, so that a drift of the machine hits all alike
         for task in tasks:
-            pair = ["trl_defaults", "posttrain"] if extra_round % 2 else ["posttrain", "trl_defaults"]
+            pair = ["posttrain", "trl_defaults"]
             if all(v in plan[task] for v in pair):  # a repeat without the other one has nothing to compare with
-                run(task, pair, together=True)
+                repeat = pair + [name for name in args.round_extra if task in EXTRA_TASKS.get(name, ("sft",))]
+                run(task, repeat[::-1] if extra_round % 2 else repeat, together=True)
     for task in tasks:  # last: the comparisons above come first when time is short
-        extra = [name for name in args.extra if task in EXTRA_TASKS.get(name, ("sft",))]
+        extra = [name for name in dict.fromkeys(args.extra + args.round_extra)
+                 if task in EXTRA_TASKS.get(name, ("sft",))]
         if extra:
             run(task, extra)
     print_table(results)

@@ -97,9 +97,14 @@ def test_compare_takes_the_median_over_rounds_and_reports_the_spread():
                {**row, "variant": "trl_defaults", "tokens_per_s": 100.0},
                {**row, "variant": "posttrain", "tokens_per_s": 400.0},
                {**row, "variant": "posttrain", "tokens_per_s": 300.0}]
+    results += [{**row, "variant": "posttrain_compile", "tokens_per_s": 450.0},  # --round-extra: medians too
+                {**row, "variant": "posttrain_compile", "tokens_per_s": 150.0},
+                {**row, "variant": "posttrain_compile", "tokens_per_s": 600.0},
+                {**row, "variant": "posttrain", "tokens_per_s": 9e9, "timing": "wall-clock"}]  # another clock: out
     ratios = bench.compare(results, "sft")
     assert ratios["tokens_per_s_vs_trl_defaults"] == 3.0
-    assert ratios["tokens_per_s_round_spread"] == {"posttrain": 2.0, "trl_defaults": 1.0}
+    assert ratios["tokens_per_s_round_spread"] == {"posttrain": 2.0, "trl_defaults": 1.0, "posttrain_compile": 4.0}
+    assert ratios["tokens_per_s_extra_vs_posttrain"] == {"posttrain_compile": 1.5}  # 450 / 300, settle left out
 
 
 def test_compare_leaves_out_a_variant_whose_first_round_failed():
