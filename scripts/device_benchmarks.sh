@@ -39,7 +39,8 @@ for part in $parts; do
                  --json "$OUT/ternary_e2e.json" ;;
         train)
             # TRAIN_VARIANTS / TRAIN_EXTRA (space-separated) narrow a short call to what it has to measure (TRAIN_EXTRA=
-            # for none); TRAIN_ROUND_EXTRA: extras measured in every round too (e.g. posttrain_compile)
+            # for none); TRAIN_ROUND_EXTRA: extras measured in every round too (e.g. posttrain_compile); TRAIN_TASK:
+            # sft, dpo or all (default)
             extra=${TRAIN_EXTRA-plain_loop posttrain_compile posttrain_cudagraphs posttrain_profile posttrain_liger \
                 posttrain_8k}
             if ls .whl/extra/liger_kernel-*.whl >/dev/null 2>&1; then  # for the posttrain_liger variant only
@@ -49,7 +50,8 @@ for part in $parts; do
                 extra=${extra//posttrain_liger/}
             fi
             run_part train "${LIMIT_TRAIN:-390}" python3 scripts/bench_train.py --mode "${TRAIN_MODE:-gpu}" \
-                --extra $extra --rounds "${TRAIN_ROUNDS:-2}" ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
+                --task "${TRAIN_TASK:-all}" --extra $extra --rounds "${TRAIN_ROUNDS:-2}" \
+                ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
                 ${TRAIN_ROUND_EXTRA:+--round-extra $TRAIN_ROUND_EXTRA} \
                 --out "$OUT/train" ;;
         *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
