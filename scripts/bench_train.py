@@ -174,7 +174,7 @@ EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["tra
                                   "model.attn_implementation=sdpa"],  # bench_train_explore.py says why these
          "posttrain_profile": [],  # posttrain's defaults under torch.profiler (StepProfile)
          "posttrain_settle": ["train.max_steps=12"],  # the GPU's throwaway first run (see main), never compared
-         "plain_loop": []}  # not posttrain: the same rows in a bare PyTorch loop (bench_train_explore.py)
+         "plain_loop": [], "plain_loop_8k": []}  # not posttrain: its rows in a bare loop (bench_train_explore.py)
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
                "posttrain_profile": ("sft", "dpo")}  # the others: sft only
 
@@ -252,12 +252,13 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
 
     size = SIZES[mode]
     load_at_start = os.getloadavg()[0]  # the host's busyness: a host-bound step is as fast as its CPU
-    if variant == "plain_loop":
+    if variant.startswith("plain_loop"):
         from bench_train_explore import plain_loop
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        out, model = plain_loop(work, size, token_ids(work, "train.jsonl"), BATCH, tokenizer(work).pad_token_id)
+        out, model = plain_loop(work, size, token_ids(work, "train.jsonl"), BATCH, tokenizer(work).pad_token_id,
+                                tokens_per_step=8192 if variant == "plain_loop_8k" else 0)
         return {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start, **out,
                 "held_out_loss": measure.held_out_loss(model, token_ids(work, "eval.jsonl")),
                 "late_train_loss": measure.late_loss(out["losses"])}
@@ -365,9 +366,10 @@ def compare(results: list[dict], task: str) -> dict:
     total = lambda r: r["setup_s"] + r["all_steps_s"]  # noqa: E731
     if ours["steps"] == base["steps"] or task == "sft":  # GPU DPO: TRL runs fewer steps (trl_dpo_steps)
         out["setup_plus_all_steps_vs_trl_defaults"] = total(base) / total(ours)  # > 1: posttrain done sooner
-    plain = rows.get("plain_loop")  # the bare loop on the same rows: posttrain's framework overhead on this host
-    if plain and plain["timing"] == ours["timing"]:  # not in CPU lockstep, which counts step events only
-        out[f"{rate}_vs_plain_loop"] = ours[rate] / plain[rate]
+    for plain_name, mine_name in (("plain_loop", "posttrain"), ("plain_loop_8k", "posttrain_8k")):
+        plain, mine = rows.get(plain_name), rows.get(mine_name)  # a bare loop on the same rows: the overhead
+        if plain and mine and plain["timing"] == mine["timing"]:  # not in CPU lockstep (step events only)
+            out[f"{rate}_{mine_name}_vs_{plain_name}"] = mine[rate] / plain[rate]
     if "posttrain_warm" in rows:
         out["setup_warm_cache_vs_trl_defaults"] = rows["posttrain_warm"]["setup_s"] / base["setup_s"]
     spread = {name: max(r[rate] for r in runs) / min(r[rate] for r in runs) for name, runs in rounds.items()

@@ -17,7 +17,8 @@ plain_loop: the limit the issue measures posttrain against ("a plain PyTorch loo
 this host in this run: the rows posttrain packs (its packing code), as many per step as posttrain's plan takes,
 trained by a bare loop (forward with transformers' own loss, backward, clipping, fused AdamW, linear schedule; no
 Trainer, no callbacks, no metrics). posttrain's rate over this one is its framework overhead, whatever the host's
-speed (the anchors' host ran TRL 1.9x faster than session 4's).
+speed (the anchors' host ran TRL 1.9x faster than session 4's). plain_loop_8k: the same with 8,192 tokens per step,
+the anchor's own setting (75.4k tokens/s there): this host's speed against the anchors' host.
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def cudagraph_skips() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
-def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id: int, seed: int = 42):
-    """plain_loop (see the module docstring): (measurements as bench_train's Clock takes them, the trained model)."""
+def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id: int, tokens_per_step: int = 0,
+               seed: int = 42):
+    """plain_loop (see the module docstring): (measurements as bench_train's Clock takes them, the trained model).
+    tokens_per_step (plain_loop_8k: 8192, the anchor's 8 x 1024) replaces batch 8's worth, as posttrain_8k does."""
     import random
     import time
 
@@ -89,7 +92,8 @@ def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id
     model.train()  # from_pretrained returns it in eval mode; the Trainer trains in train mode (dropout, if any)
     docs = [d[:size["max_length"]] for d in docs]  # as posttrain truncates (keeping the start)
     packed = pack_examples([{"input_ids": d, "labels": d} for d in docs], size["max_length"])
-    per_step = max(1, round(batch * packed.tokens / len(docs) / packed.mean_row_tokens))  # as posttrain's plan
+    budget = tokens_per_step or batch * packed.tokens / len(docs)
+    per_step = max(1, round(budget / packed.mean_row_tokens))  # as posttrain's plan
     rows = packed.rows[:]
     random.Random(seed).shuffle(rows)
     steps = [rows[i:i + per_step] for i in range(0, len(rows), per_step)]

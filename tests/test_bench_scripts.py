@@ -127,7 +127,7 @@ def test_compare_against_the_plain_loop_only_on_the_same_clock():
     for timing, expected in (("wall-clock", 0.6), ("step events (lockstep)", None)):
         results = [{**row, "variant": "posttrain", "tokens_per_s": 300.0, "timing": timing},
                    {**row, "variant": "trl_defaults", "tokens_per_s": 100.0, "timing": timing}, plain]
-        assert bench.compare(results, "sft").get("tokens_per_s_vs_plain_loop") == expected
+        assert bench.compare(results, "sft").get("tokens_per_s_posttrain_vs_plain_loop") == expected
 
 def test_plain_loop_trains_every_document_once_in_posttrains_step_size(tmp_path):
     """bench_train's plain_loop baseline: the documents (truncated to max_length as posttrain does) packed into
