@@ -165,15 +165,15 @@ def token_ids(work: Path, name: str) -> list[list[int]]:
 # The variants.
 
 
-# Exploration variants (--extra): posttrain with one setting changed, to see what a default would gain.
-# posttrain_liger: liger-kernel importable in that variant only, from $BENCH_LIGER_PATH (a pip --target folder), so
-# that the other variants measure the base install.
+# Exploration variants (--extra): posttrain with one setting changed, to see what a default would gain (the ones that
+# need more than config keys are patched in by bench_train_explore.prepare).
 EXTRA = {"posttrain_8k": ["train.tokens_per_step=8192"], "posttrain_ckpt": ["train.gradient_checkpointing=true"],
          "posttrain_liger": ["train.liger_kernels=true"], "posttrain_compile": ["train.compile=true"],
          "posttrain_cudagraphs": ["train.compile=true", "train.grad_accum=1",  # + full rows, CUDA graphs:
                                   "model.attn_implementation=sdpa"],  # bench_train_explore.py says why these
          "posttrain_profile": [],  # posttrain's defaults under torch.profiler (StepProfile)
          "posttrain_settle": ["train.max_steps=12"],  # the GPU's throwaway first run (see main), never compared
+         "posttrain_model_loss": [],  # the model's own loss instead of TRL's fused head (bench_train_explore.py)
          "plain_loop": [], "plain_loop_8k": []}  # not posttrain: its rows in a bare loop (bench_train_explore.py)
 EXTRA_TASKS = {"posttrain_compile": ("sft", "dpo"), "posttrain_ckpt": ("sft", "dpo"),
                "posttrain_profile": ("sft", "dpo")}  # the others: sft only
@@ -262,12 +262,9 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
         return {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start, **out,
                 "held_out_loss": measure.held_out_loss(model, token_ids(work, "eval.jsonl")),
                 "late_train_loss": measure.late_loss(out["losses"])}
-    if variant == "posttrain_cudagraphs":
-        from bench_train_explore import patch_for_cudagraphs
+    import bench_train_explore
 
-        patch_for_cudagraphs(size["max_length"])
-    if variant == "posttrain_liger" and os.environ.get("BENCH_LIGER_PATH"):
-        sys.path.insert(0, os.environ["BENCH_LIGER_PATH"])
+    bench_train_explore.prepare(variant, size)  # the patches of exploration variants, in this process only
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     clock = measure.Clock(size["warmup"], os.environ.get("BENCH_LOCK"))
@@ -286,10 +283,8 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
               **measure.peak_memory(), "threads": torch.get_num_threads(), "trained_tokens": clock.tokens1, **out}
     if profile:
         result["profile"] = profile.summary
-    if variant == "posttrain_cudagraphs":
-        from bench_train_explore import cudagraph_skips
-
-        result["cudagraph_skips"] = cudagraph_skips()  # 0: every compiled pass really replayed as a graph
+    if variant == "posttrain_cudagraphs":  # 0: every compiled pass really replayed as a graph
+        result["cudagraph_skips"] = bench_train_explore.cudagraph_skips()
     if task == "sft":
         from transformers import AutoModelForCausalLM
 

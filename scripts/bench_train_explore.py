@@ -13,6 +13,12 @@ replay would overwrite the first one's gradients, which live in the graphs' memo
 (with flash-attn posttrain concatenates a micro-batch's rows into one of varying length: a recompile per length).
 Its result counts cudagraph_skips: compiled passes torch ran without a graph (the log says why).
 
+posttrain_model_loss: SFT's loss from the model's own forward (transformers' cross-entropy over the logits,
+normalized by the step's label count: the same loss) instead of TRL's fused LM head, which on every step also
+computes the entropy and top-1 accuracy it logs and reads them back (.item()). In smoke mode on the CPU (2 layers,
+64 wide), cProfile put most of posttrain's gap to plain_loop in that head. Not measured on a GPU, where TRL's head is a
+Triton kernel that never materializes the 151,936-wide logits.
+
 plain_loop: the limit the issue measures posttrain against ("a plain PyTorch loop", ../shared/DESIGN.md §5), on
 this host in this run: the rows posttrain packs (its packing code), as many per step as posttrain's plan takes,
 trained by a bare loop (forward with transformers' own loss, backward, clipping, fused AdamW, linear schedule; no
@@ -61,6 +67,29 @@ def patch_for_cudagraphs(max_length: int) -> None:
 
     regional.compile_decoder_layers = compile_static
     packing.PaddingFreeCollator.__call__ = collate_full_rows
+
+
+def prepare(variant: str, size: dict) -> None:
+    """What a variant needs beyond its config keys, set up in its own process before anything is imported from
+    posttrain's trainers. posttrain_liger: liger-kernel importable in that variant only, from $BENCH_LIGER_PATH (a pip
+    --target folder), so that the other variants measure the base install."""
+    import os
+    import sys
+
+    if variant == "posttrain_cudagraphs":
+        patch_for_cudagraphs(size["max_length"])
+    elif variant == "posttrain_model_loss":
+        patch_model_loss()
+    elif variant == "posttrain_liger" and os.environ.get("BENCH_LIGER_PATH"):
+        sys.path.insert(0, os.environ["BENCH_LIGER_PATH"])
+
+
+def patch_model_loss() -> None:
+    """posttrain_model_loss (see the module docstring), in this process only."""
+    import transformers
+    import trl
+
+    trl.SFTTrainer.compute_loss = transformers.Trainer.compute_loss
 
 
 def cudagraph_skips() -> int:
