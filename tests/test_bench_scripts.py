@@ -142,7 +142,8 @@ def test_plain_loop_trains_every_document_once_in_posttrains_step_size(tmp_path)
     assert out["trained_tokens"] == sum(min(len(d), size["max_length"]) for d in docs)
     mean_doc, mean_row = out["trained_tokens"] / len(docs), out["trained_tokens"] / out["rows"]
     assert abs(out["rows_per_step"] * mean_row - 8 * mean_doc) <= mean_row / 2  # batch 8's tokens, to a row
-    assert out["steps"] > 2 and out["tokens_per_s"] > 0 and out["losses"][-1] < out["losses"][0]
+    late = sum(out["losses"][-3:]) / 3  # 7.477 -> 7.435 here (6 steps from random init)
+    assert out["steps"] > 2 and out["tokens_per_s"] > 0 and late < out["losses"][0] - 0.01
 
 def test_step_profile_counts_gpu_events_once():
     """StepProfile's GPU time: kernels only, not the CPU ops that launched them nor record_function regions
