@@ -202,10 +202,10 @@ class GemvConfig(NamedTuple):
 # fastest good one is picked per shape with triton.testing.do_bench (its L2 flush makes the weights come from HBM,
 # as in a real decode). Tuned here rather than by triton.autotune: the autotuner's per-call key building costs
 # ~10 us of Python on every launch, which a one-token decode cannot hide. The first twelve were measured on an H200
-# (session 4): 4096x14336 ran at 1.22 TB/s of packed weights and 8192x28672 at 2.26 TB/s, i.e. the smaller layer's
-# 224 programs of 16 rows kept too few loads in flight. Hence the later ones (not yet run on a GPU): 4 or 8 rows
-# per program (896 or 448 programs there) with a small quant_block (56-64 registers instead of 96-164), and the
-# one-step-ahead weight loads.
+# (session 4): 4096x14336 ran at 1.22 TB/s of packed weights and 8192x28672 at 2.26 TB/s; the smaller layer has few
+# programs per SM (224 of 16 rows for 132 SMs), too few loads in flight. Hence the later ones (not yet run on a
+# GPU): 4 or 8 rows per program (896 or 448 programs there) with a small quant_block (48-64 registers; a 4096 one:
+# 96-164), and the one-step-ahead weight loads.
 GEMV_CONFIGS = [GemvConfig(16, 256, 4, 2), GemvConfig(16, 512, 4, 2), GemvConfig(32, 256, 4, 2),
                 GemvConfig(32, 512, 8, 2), GemvConfig(8, 512, 2, 2), GemvConfig(8, 1024, 4, 2),
                 GemvConfig(16, 1024, 8, 1), GemvConfig(64, 256, 8, 2), GemvConfig(16, 256, 4, 2, acc_2d=True),
