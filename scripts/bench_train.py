@@ -252,11 +252,11 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
 
     size = SIZES[mode]
     load_at_start = os.getloadavg()[0]  # the host's busyness: a host-bound step is as fast as its CPU
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if variant.startswith("plain_loop"):
         from bench_train_explore import plain_loop
 
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         out, model = plain_loop(work, size, token_ids(work, "train.jsonl"), BATCH, tokenizer(work).pad_token_id,
                                 tokens_per_step=8192 if variant == "plain_loop_8k" else 0)
         return {"task": task, "variant": variant, "loadavg_1m_at_start": load_at_start, **out,
@@ -265,8 +265,6 @@ def child(work: Path, mode: str, task: str, variant: str) -> dict:
     import bench_train_explore
 
     bench_train_explore.prepare(variant, size)  # the patches of exploration variants, in this process only
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     clock = measure.Clock(size["warmup"], os.environ.get("BENCH_LOCK"))
     profile = measure.StepProfile(size["warmup"]) if variant == "posttrain_profile" else None
     marks = measure.instrument(clock, [profile.callback()] if profile else [])
@@ -370,7 +368,8 @@ def compare(results: list[dict], task: str) -> dict:
     spread = {name: max(r[rate] for r in runs) / min(r[rate] for r in runs) for name, runs in rounds.items()
               if len(runs) > 1}
     others = {name: row[rate] / ours[rate] for name, row in rows.items()
-              if name.startswith("posttrain_") and name not in ("posttrain_settle", "posttrain_warm")}
+              if name.startswith("posttrain_") and name not in ("posttrain_settle", "posttrain_warm",
+                                                                  "posttrain_profile")}  # the profiler slows it
     if others:  # posttrain with one setting changed, over the defaults: what making it the default would gain
         out[f"{rate}_extra_vs_posttrain"] = others
     if spread:  # the same variant's fastest round over its slowest: how much the machine itself varied

@@ -29,6 +29,9 @@ the anchor's own setting (75.4k tokens/s there): this host's speed against the a
 
 from __future__ import annotations
 
+import os
+import sys
+
 IGNORE = -100
 
 
@@ -73,9 +76,6 @@ def prepare(variant: str, size: dict) -> None:
     """What a variant needs beyond its config keys, set up in its own process before anything is imported from
     posttrain's trainers. posttrain_liger: liger-kernel importable in that variant only, from $BENCH_LIGER_PATH (a pip
     --target folder), so that the other variants measure the base install."""
-    import os
-    import sys
-
     if variant == "posttrain_cudagraphs":
         patch_for_cudagraphs(size["max_length"])
     elif variant == "posttrain_model_loss":
