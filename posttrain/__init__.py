@@ -11,9 +11,9 @@ Python API::
 
 __version__ = "0.1.0"
 
-from posttrain.config import Config, load_config  # noqa: E402
+from posttrain.config.schema import Config, load_config  # noqa: E402
+from posttrain.engine.run_dir import load_result  # noqa: E402
 from posttrain.errors import PosttrainError  # noqa: E402
-from posttrain.outputs import load_result  # noqa: E402
-from posttrain.recipes_registry import run  # noqa: E402
+from posttrain.pipeline import run  # noqa: E402
 
 __all__ = ["Config", "PosttrainError", "__version__", "load_config", "load_result", "run"]

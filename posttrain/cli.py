@@ -13,12 +13,12 @@ from posttrain.errors import PosttrainError
 
 
 def _run(args) -> None:
-    from posttrain.recipes_registry import run
+    from posttrain.pipeline import run
 
     if args.nproc < 1 or args.num_machines < 1:
         raise PosttrainError("--nproc and --num-machines must be >= 1")
     if args.nproc > 1 or args.num_machines > 1:
-        from posttrain.launch import relaunch
+        from posttrain.engine.launch import relaunch
 
         relaunch(args)  # does not return: this process becomes `accelerate launch ... -m posttrain run ...`
     metrics = run(args.config, args.overrides, resume=args.resume)
@@ -28,8 +28,8 @@ def _run(args) -> None:
 
 
 def _validate(args) -> None:
-    from posttrain.config import dump_yaml, load_config, read_yaml
-    from posttrain.recipes_registry import resolve_config_path
+    from posttrain.config.bundled import resolve_config_path
+    from posttrain.config.schema import dump_yaml, load_config, read_yaml
 
     path = resolve_config_path(args.config)
     if read_yaml(path)[0].get("recipe") == "pipeline":
@@ -41,11 +41,15 @@ def _validate(args) -> None:
 
 
 def _ls(args) -> None:
-    from posttrain.recipes_registry import bundled_configs, configs_dir, recipe_names
+    from posttrain.config.bundled import bundled_configs, configs_dir
+    from posttrain.registry import recipe_names
 
     print("recipes: " + ", ".join(recipe_names()))
-    print(f"bundled configs ({configs_dir()}):")
-    for name in bundled_configs():
+    print(f"bundled configs, for `posttrain run` ({configs_dir()}):")
+    for name in bundled_configs(runnable=True):
+        print(f"  {name}")
+    print("bundled settings for other flags (--accelerate-config NAME, eval --suite PATH):")
+    for name in bundled_configs(runnable=False):
         print(f"  {name}")
 
 
@@ -64,7 +68,7 @@ def _merge(args) -> None:
 
 
 def _quantize(args) -> None:
-    from posttrain.quantize import quantize
+    from posttrain.ternary.ptq import quantize
 
     report = quantize(args.model, args.out, args.method, args.format, args.skip, args.dtype, args.overwrite,
                       args.allow_pickle, args.gguf_dense)
@@ -92,8 +96,8 @@ def _bench(args) -> None:
 def _demo(args) -> None:
     import time
 
+    from posttrain.config.bundled import configs_dir
     from posttrain.pipeline import run_pipeline
-    from posttrain.recipes_registry import configs_dir
 
     started = time.perf_counter()
     out = run_pipeline(configs_dir() / "demo" / "pipeline.yaml", [f"output_dir={args.out}"])

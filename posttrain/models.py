@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from posttrain.config import AdapterConfig, ModelConfig
+from posttrain.config.schema import AdapterConfig, ModelConfig
 from posttrain.errors import PosttrainError
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -266,7 +266,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
                   allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """LoRA adapter + its base -> one full model folder (written atomically). A QLoRA adapter is merged
     into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them)."""
-    from posttrain.outputs import atomic_dir
+    from posttrain.files import atomic_dir
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:

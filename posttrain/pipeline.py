@@ -24,8 +24,8 @@ from typing import Literal
 
 import yaml
 
+from posttrain.config.strict import apply_overrides, build, read_yaml, where_in
 from posttrain.errors import PosttrainError
-from posttrain.strict_config import apply_overrides, build, read_yaml, where_in
 
 
 @dataclass
@@ -88,14 +88,15 @@ def _stage_value(override: str, out: Path) -> str:
 
 
 def _run_stage(stage: Stage, folder: Path, root: Path, out: Path) -> None:
-    from posttrain.config import load_config
-    from posttrain.recipes_registry import run
+    from posttrain.config.schema import load_config
+    from posttrain.registry import run_recipe
 
     if stage.config:
         extra = [f"model.name_or_path={out / stage.model_from}"] if stage.model_from else []
-        run(load_config(root / stage.config, [*stage.overrides, *extra, f"output_dir={folder}", "overwrite=true"]))
+        overrides = [*stage.overrides, *extra, f"output_dir={folder}", "overwrite=true"]
+        run_recipe(load_config(root / stage.config, overrides))
     elif stage.quantize:
-        from posttrain.quantize import quantize
+        from posttrain.ternary.ptq import quantize
 
         quantize(str(out / stage.quantize), folder, overwrite=True)
     else:
@@ -129,3 +130,19 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> Path:
             raise PosttrainError(f"stage {stage.name}: {err}") from None
         print(f"posttrain: stage {stage.name}: done in {time.perf_counter() - started:.0f} s")
     return out
+
+
+def run(cfg, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Run a config: a loaded Config, or a path (or bundled name such as tiny/sft) of a run config or a pipeline.
+    Returns the run's metrics (also in output_dir/metrics.json); for a pipeline, {"pipeline": its folder}.
+    resume: continue an unfinished run from its latest complete checkpoint."""
+    from posttrain.config.bundled import resolve_config_path
+    from posttrain.config.schema import Config, load_config
+    from posttrain.registry import run_recipe
+
+    if not isinstance(cfg, Config):
+        path = resolve_config_path(cfg)
+        if read_yaml(path)[0].get("recipe") == "pipeline":
+            return {"pipeline": str(run_pipeline(path, overrides))}
+        cfg = load_config(path, overrides)
+    return run_recipe(cfg, resume=resume)

@@ -18,86 +18,75 @@ import dataclasses
 
 from trl import DPOConfig
 
-from posttrain.checkpoints import guarded, train
-from posttrain.config import Config
-from posttrain.dpo_trainer import CachedReferenceDPOTrainer, look_up_reference, store_computed_reference
-from posttrain.models import load_model, load_tokenizer, lora_config, resolve_path
-from posttrain.outputs import finish_run, prepare_run_dir
-from posttrain.packing import PaddingFreePreferenceCollator, flat_rows_needed, prepare_model
-from posttrain.preference import preference_examples
-from posttrain.ranks import on_main_then_shared
-from posttrain.regional_compile import compile_decoder_layers
-from posttrain.speed import fastest_attention, plan_dpo
-from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
+from posttrain.data.examples import preference_examples
+from posttrain.data.packing import PaddingFreePreferenceCollator, prepare_model
+from posttrain.engine.compile import compile_decoder_layers
+from posttrain.engine.plan import fastest_attention, plan_dpo
+from posttrain.engine.reference import look_up_reference, store_computed_reference
+from posttrain.integrations.transformers_models import flat_rows_needed
+from posttrain.integrations.trl_dpo import CachedReferenceDPOTrainer
+from posttrain.models import load_model, resolve_path
+from posttrain.recipe import Data, Recipe, Setup, run_recipe
 
 
-def dpo_arguments(cfg: Config, plan) -> dict:
-    """DPOConfig's own arguments; posttrain.training.trainer_args maps everything the recipes share."""
-    return dict(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, loss_weights=cfg.dpo.loss_weights,
-                label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref,
-                precompute_ref_batch_size=plan.reference_batch_size)
+class DPO(Recipe):
+    trainer_class, args_class = CachedReferenceDPOTrainer, DPOConfig
+
+    def examples(self, cfg, tokenizer) -> Data:
+        return Data(*preference_examples(cfg, tokenizer))  # tokenized as TRL does; truncation counted
+
+    def setup(self, run) -> Setup:
+        cfg = run.cfg
+        # Reference log-probs from the on-disk cache when this reference has already scored these pairs.
+        model_cfg = fastest_attention(cfg.model)  # flash-attn when installed, else sdpa (engine/plan.py)
+        ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
+        ref_path = resolve_path(ref_name, cfg.model.allow_pickle)
+        lookup = look_up_reference(cfg, model_cfg, ref_name, ref_path, run.data.train, run.data.eval)
+        all_cached = cfg.dpo.precompute_ref and lookup.all_cached
+
+        # Policy, and a reference model only when one must run and differs from the starting model.
+        model = load_model(model_cfg, run.model_path, run.tokenizer, cfg.adapter)
+        ref_model = (load_model(dataclasses.replace(model_cfg, name_or_path=ref_name), ref_path, run.tokenizer)
+                     if cfg.dpo.ref_model is not None and not all_cached else None)
+        for loaded in filter(None, (model, ref_model)):
+            prepare_model(loaded)  # no KV cache in training: packed sequences stay isolated
+
+        # Speed: micro-batch, accumulation, checkpointing, optimizer and kernels for this machine, each printed.
+        plan = plan_dpo(cfg, model, run.data.train, reference_in_memory=not cfg.dpo.precompute_ref)
+        plan.report()
+        if plan.compile_layers:
+            compile_decoder_layers(model)  # the policy's layers (also the reference pass when it scores the policy)
+        collator = (PaddingFreePreferenceCollator(run.tokenizer.pad_token_id, cfg.train.max_length,
+                                                  flat_rows_needed(model)) if cfg.train.packing else None)
+        return Setup(model=model, plan=plan, train_dataset=lookup.train_set, eval_dataset=lookup.eval_set,
+                     data_collator=collator, speed={**plan.as_dict(), "packing": cfg.train.packing},
+                     trainer_kwargs={"ref_model": ref_model}, args=self.dpo_arguments(cfg, plan),
+                     state={"lookup": lookup, "all_cached": bool(all_cached)})
+
+    @staticmethod
+    def dpo_arguments(cfg, plan) -> dict:
+        """DPOConfig's own arguments; engine/trainer_args.py maps everything the recipes share."""
+        return dict(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, loss_weights=cfg.dpo.loss_weights,
+                    label_smoothing=cfg.dpo.label_smoothing, precompute_ref_log_probs=cfg.dpo.precompute_ref,
+                    precompute_ref_batch_size=plan.reference_batch_size)
+
+    def after_build(self, trainer, run, setup) -> dict:
+        # TRL computed whatever the cache lacked while it was built: store it for the next run.
+        if run.cfg.dpo.precompute_ref:
+            store_computed_reference(trainer, setup.state["lookup"])
+            trainer.ref_model = None  # precomputed: the reference is never run again
+        # The starting point's held-out rewards/accuracies/margins, to compare with the same after training.
+        return {"eval_start": trainer.evaluate() if setup.eval_dataset is not None else {}}
+
+    def metrics(self, trainer, run, setup, final_eval) -> dict:
+        last_train_log = next((log for log in reversed(trainer.state.log_history) if "loss" in log), {})
+        return {"eval": final_eval, "reference_cache_hit": setup.state["all_cached"],
+                "reference_forwards": trainer.reference_forwards, "last_train_log": last_train_log}
+
+    def title(self, cfg) -> str:
+        method = f", {cfg.adapter.method}" if cfg.adapter else ""
+        return f"DPO ({'+'.join(cfg.dpo.loss_type)}, beta={cfg.dpo.beta}{method})"
 
 
-def main(cfg: Config, resume: bool = False) -> dict:
-    # 1. Tokenizer and the pairs tokenized as TRL does (truncation counted, see preference.py), then the folder.
-    resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
-    tokenizer = load_tokenizer(cfg.model, resolved)
-    train_pairs, eval_pairs, data_counts = on_main_then_shared(preference_examples, cfg, tokenizer)  # once
-    run_dir = prepare_run_dir(cfg, resume)  # after the data: a bad row never costs the folder's previous run
-
-    # 2. Reference log-probs from the on-disk cache when this reference has already scored these pairs.
-    model_cfg = fastest_attention(cfg.model)  # flash-attn when installed, else sdpa (see posttrain.speed)
-    ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
-    ref_resolved = resolve_path(ref_name, cfg.model.allow_pickle)
-    lookup = look_up_reference(cfg, model_cfg, ref_name, ref_resolved, train_pairs, eval_pairs)
-    all_cached = cfg.dpo.precompute_ref and lookup.all_cached
-
-    # 3. Policy, and a reference model only when one must run and differs from the starting model.
-    model = load_model(model_cfg, resolved, tokenizer, cfg.adapter)
-    ref_model = (load_model(dataclasses.replace(model_cfg, name_or_path=ref_name), ref_resolved, tokenizer)
-                 if cfg.dpo.ref_model is not None and not all_cached else None)
-    for loaded in filter(None, (model, ref_model)):
-        prepare_model(loaded)  # no KV cache in training: packed sequences stay isolated
-
-    # 4. Speed: micro-batch, accumulation, checkpointing, optimizer and kernels for this machine, each printed.
-    plan = plan_dpo(cfg, model, train_pairs, reference_in_memory=not cfg.dpo.precompute_ref)
-    plan.report()
-    if plan.compile_layers:
-        compile_decoder_layers(model)  # the policy's layers (also the reference pass when it scores the policy)
-
-    # 5. Train. TRL computes whatever the cache lacked during construction; store it for the next run.
-    history = LossHistory()
-    trainer = guarded(CachedReferenceDPOTrainer)(
-        model=model,
-        ref_model=ref_model,
-        data_collator=PaddingFreePreferenceCollator(tokenizer.pad_token_id, cfg.train.max_length,
-                                                    flat_rows_needed(model)) if cfg.train.packing else None,
-        args=trainer_args(cfg, DPOConfig, run_dir, lookup.eval_set is not None, plan, **dpo_arguments(cfg, plan)),
-        train_dataset=lookup.train_set,
-        eval_dataset=lookup.eval_set,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg.adapter, model),
-        callbacks=[history],
-    )
-    if cfg.dpo.precompute_ref:
-        store_computed_reference(trainer, lookup)
-        trainer.ref_model = ref_model = None  # precomputed: the reference is never run again
-    # The starting point's held-out rewards/accuracies/margins, then train, then the same after.
-    start_eval = trainer.evaluate() if lookup.eval_set is not None else {}
-    train_output = train(trainer, resume)  # atomic checkpoints, --resume, NaN/SIGTERM guards
-    final_eval = trainer.evaluate() if lookup.eval_set is not None else {}
-
-    # 6. Outputs, metrics.json last.
-    extra = {"eval_start": start_eval, "eval": final_eval, "reference_cache_hit": bool(all_cached),
-             "speed": {**plan.as_dict(), "packing": cfg.train.packing},
-             "reference_forwards": trainer.reference_forwards,
-             "last_train_log": next((log for log in reversed(history.logs) if "loss" in log), {})}
-    metrics = run_metrics(trainer, train_output, history, data_counts, extra)
-
-    def save(folder):  # on every process: FSDP/ZeRO-3 gather the weights; the main process writes
-        trainer.save_model(str(folder))  # model or adapter, and the tokenizer with its chat template
-
-    method = f", {cfg.adapter.method}" if cfg.adapter else ""
-    title = f"DPO ({'+'.join(cfg.dpo.loss_type)}, beta={cfg.dpo.beta}{method})"
-    finish_run(run_dir, save, metrics, model_card(cfg, metrics, cfg.adapter is not None, title))
-    return metrics
+def main(cfg, resume: bool = False) -> dict:
+    return run_recipe(DPO(), cfg, resume)

@@ -15,66 +15,72 @@ from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
-from posttrain.checkpoints import guarded, train
-from posttrain.config import Config
-from posttrain.masks import sft_examples
-from posttrain.models import load_model, load_tokenizer, resolve_path
-from posttrain.outputs import finish_run, prepare_run_dir
-from posttrain.packing import prepare_model, sft_inputs
-from posttrain.ranks import on_main_then_shared
-from posttrain.speed import fastest_attention
-from posttrain.ternary import bits_per_weight, convert, export_bitnet, export_fake_quant
-from posttrain.ternary.callback import TernaryLambdaCallback
-from posttrain.training import LossHistory, model_card, run_metrics, trainer_args
+from posttrain import log
+from posttrain.data.examples import sft_examples
+from posttrain.data.packing import prepare_model
+from posttrain.engine.distributed import gathered_model
+from posttrain.engine.plan import fastest_attention
+from posttrain.models import load_model
+from posttrain.recipe import Data, Recipe, Setup, run_recipe, sft_setup
+from posttrain.ternary.export.hf import bits_per_weight, export_bitnet, export_fake_quant
+from posttrain.ternary.qat.bitlinear import convert
+from posttrain.ternary.qat.warmup import TernaryLambdaCallback
 
 
-def main(cfg: Config, resume: bool = False) -> dict:
-    # 1. Data with posttrain's loss masks (as in the sft recipe), then the output folder.
-    resolved = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
-    tokenizer = load_tokenizer(cfg.model, resolved)
-    train_set, eval_set, data_counts = on_main_then_shared(sft_examples, cfg, tokenizer)  # once, not per rank
-    run_dir = prepare_run_dir(cfg, resume)  # after the data: a bad row never costs the folder's previous run
+class Ternary(Recipe):
+    trainer_class, args_class = SFTTrainer, SFTConfig
+    trains_adapters = False  # the whole decoder trains through the quantizer
 
-    # 2. The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
-    model = load_model(fastest_attention(cfg.model), resolved, tokenizer)
-    prepare_model(model)  # no KV cache in training: packed documents stay isolated
-    settings = cfg.ternary
-    converted = convert(model, skip=settings.skip, granularity=settings.granularity, group_size=settings.group_size,
-                        use_rms_norm=settings.use_rms_norm, quant_lambda=0.0)
-    warmup = 0 if settings.lambda_schedule == "none" else settings.lambda_warmup_steps
-    print(f"posttrain: {converted} linear layers -> BitLinear; lambda {settings.lambda_schedule} over {warmup} steps")
+    def examples(self, cfg, tokenizer) -> Data:
+        return Data(*sft_examples(cfg, tokenizer))  # the sft recipe's data and loss masks
 
-    # 3. Speed, as in the sft recipe: packed rows (activations are quantized per token, so packed documents
-    #    stay independent), micro-batch, accumulation, checkpointing, optimizer, kernels; each printed.
-    inputs = sft_inputs(cfg, model, tokenizer, train_set, eval_set)
+    def setup(self, run) -> Setup:
+        # The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
+        model = load_model(fastest_attention(run.cfg.model), run.model_path, run.tokenizer)
+        prepare_model(model)  # no KV cache in training: packed documents stay isolated
+        converted = convert(model, **self.layer_settings(run.cfg))
+        warmup = self.warmup_steps(run.cfg)
+        log.info(f"{converted} linear layers -> BitLinear; lambda {run.cfg.ternary.lambda_schedule} over "
+                 f"{warmup} steps")
+        # Packed rows as in sft (activations are quantized per token, so packed documents stay independent); the
+        # callback sets lambda before every step (and after a resume, from the global step).
+        setup = sft_setup(run, model, [TernaryLambdaCallback(warmup, run.cfg.ternary.lambda_schedule)])
+        setup.state["ternary_layers"] = converted
+        return setup
 
-    # 4. Train; the callback sets lambda before every step (and after a resume, from the global step).
-    history = LossHistory()
-    trainer = guarded(SFTTrainer)(
-        model=model,
-        args=trainer_args(cfg, SFTConfig, run_dir, eval_set is not None, inputs.plan,
-                          dataset_kwargs={"skip_prepare_dataset": True}),  # tokenized, masked, truncated: ours
-        data_collator=inputs.data_collator,
-        train_dataset=inputs.train_dataset,
-        eval_dataset=inputs.eval_dataset,
-        processing_class=tokenizer,
-        callbacks=[history, TernaryLambdaCallback(warmup, settings.lambda_schedule)],
-    )
-    train_output = train(trainer, resume)  # atomic checkpoints, --resume, NaN/SIGTERM guards
-    final_eval = trainer.evaluate() if eval_set else {}
+    def metrics(self, trainer, run, setup, final_eval) -> dict:
+        return {"eval_loss": final_eval.get("eval_loss"), "ternary_layers": setup.state["ternary_layers"]}
 
-    # 5. Export: transformers' BitNet format in output_dir (+ fake-quant copy), bits per weight, metrics last.
-    extra = {"eval_loss": final_eval.get("eval_loss"), "ternary_layers": converted, "speed": inputs.speed}
-    metrics = run_metrics(trainer, train_output, history, data_counts, extra)
-
-    def save(folder):  # called on every process; under DDP each holds the full model, the main one writes
+    def save(self, trainer, run, setup, folder, metrics) -> None:
+        # transformers' BitNet format (+ the fake-quant copy); bits per weight measured on the files written.
+        model = gathered_model(trainer, lambda: self.rebuild(run))  # every process takes part in the gather
         if not trainer.args.should_save:
             return
-        export_bitnet(trainer.model, tokenizer, folder, overwrite=True)
-        metrics["bits_per_weight"] = bits_per_weight(folder)  # measured on the files, before metrics.json
-        if settings.fake_quant_export:
-            export_fake_quant(trainer.model, tokenizer, folder / "fake_quant", overwrite=True)
+        export_bitnet(model, run.tokenizer, folder, overwrite=True)
+        metrics["bits_per_weight"] = bits_per_weight(folder)
+        if run.cfg.ternary.fake_quant_export:
+            export_fake_quant(model, run.tokenizer, folder / "fake_quant", overwrite=True)
 
-    title = f"1.58-bit ternary QAT ({settings.lambda_schedule} lambda warmup, {warmup} steps)"
-    finish_run(run_dir, save, metrics, model_card(cfg, metrics, False, title))
-    return metrics
+    def rebuild(self, run):
+        """An empty CPU copy of the trained architecture, for weights gathered from a sharded run."""
+        model = load_model(run.cfg.model, run.model_path, run.tokenizer)
+        convert(model, **self.layer_settings(run.cfg))
+        return model
+
+    @staticmethod
+    def layer_settings(cfg) -> dict:
+        s = cfg.ternary
+        return dict(skip=s.skip, granularity=s.granularity, group_size=s.group_size, use_rms_norm=s.use_rms_norm,
+                    quant_lambda=0.0)
+
+    @staticmethod
+    def warmup_steps(cfg) -> int:
+        return 0 if cfg.ternary.lambda_schedule == "none" else cfg.ternary.lambda_warmup_steps
+
+    def title(self, cfg) -> str:
+        return (f"1.58-bit ternary QAT ({cfg.ternary.lambda_schedule} lambda warmup, {self.warmup_steps(cfg)} "
+                "steps)")
+
+
+def main(cfg, resume: bool = False) -> dict:
+    return run_recipe(Ternary(), cfg, resume)

@@ -59,8 +59,8 @@ from posttrain.ternary import (  # noqa: E402
     ternary_linear_reference,
     unpack_ternary,
 )
-from posttrain.ternary import cpu as cpu_kernel  # noqa: E402
-from posttrain.ternary.inference import _torch_linear  # noqa: E402
+from posttrain.ternary.infer import cpu as cpu_kernel  # noqa: E402
+from posttrain.ternary.infer.linear import _torch_linear  # noqa: E402
 
 GPU_SHAPES = [(2560, 6912), (6912, 2560), (4096, 14336), (14336, 4096), (8192, 28672)]
 CPU_SHAPES = [(256, 768), (768, 256), (1024, 2816), (2816, 1024), (2048, 8192)]
@@ -183,7 +183,7 @@ def layer_fns(K: int, N: int, m: int, device: str, dtype: torch.dtype) -> tuple[
 def gemv_tuning(K: int, N: int) -> dict:
     """What the one-token kernel's tuner measured on this shape (float output, no bias): the config it chose and
     every good candidate's time, fastest first (do_bench, weights from HBM)."""
-    from posttrain.ternary import gemv
+    from posttrain.ternary.infer import gemv
 
     for key, times in gemv.GEMV_TIMES.items():
         if key[3] == (N // 4, K) and not key[4] and not key[5] and not key[6]:  # no col map, no bias, not integer
@@ -465,7 +465,7 @@ def environment(device: str) -> dict:
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "device": device}
-    env["triton"] = kernel._import_triton().__version__ if kernel.triton_available() else None
+    env["triton"] = kernel.import_triton()[0].__version__ if kernel.triton_available() else None
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     else:

@@ -48,8 +48,8 @@ def pad_row(example: dict, length: int, pad_token_id: int) -> dict:
 
 def patch_for_cudagraphs(max_length: int) -> None:
     """posttrain_cudagraphs (see the module docstring); the variant also sets train.compile=true."""
-    import posttrain.packing as packing
-    import posttrain.regional_compile as regional
+    import posttrain.data.packing as packing
+    import posttrain.engine.compile as regional
 
     def compile_static(model) -> int:
         import torch
@@ -111,7 +111,7 @@ def plain_loop(work, size: dict, docs: list[list[int]], batch: int, pad_token_id
     import torch
     from transformers import AutoModelForCausalLM
 
-    from posttrain.packing import PaddingFreeCollator, pack_examples
+    from posttrain.data.packing import PaddingFreeCollator, pack_examples
 
     start, cuda = time.perf_counter(), torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

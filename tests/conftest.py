@@ -36,7 +36,7 @@ def tiny_sft_dir(tmp_path_factory):
     from pathlib import Path
 
     import posttrain
-    from posttrain.config import load_config
+    from posttrain.config.schema import load_config
 
     out = tmp_path_factory.mktemp("shared") / "tiny-sft"
     config = Path(__file__).resolve().parent.parent / "configs" / "tiny" / "sft.yaml"

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import Config, DataConfig, DataSource, build, load_config
-from posttrain.data import load_splits, normalize, read_source
+from posttrain.config.schema import Config, DataConfig, DataSource, build, load_config
+from posttrain.data.formats import load_splits, normalize
+from posttrain.data.sources import read_source
 from posttrain.errors import PosttrainError
 
 BASE = "recipe: sft\nmodel:\n  name_or_path: tiny:llama\ndata:\n  train: tiny:chat\noutput_dir: out\n"
@@ -315,7 +316,7 @@ def test_long_json_string_in_a_message(tmp_path):
 
 
 def test_normalize_preference_without_columns_is_an_error():
-    from posttrain.preference import normalize_preference
+    from posttrain.data.formats import normalize_preference
 
     one_line_error(lambda: normalize_preference({"chosen": "a"}, "x.jsonl:3"),
                    r"x\.jsonl:3: missing column\(s\) \['rejected'\]")
@@ -566,7 +567,7 @@ def model_copy(tmp_path, tiny_model_dir):
 ], ids=["truncated-config", "garbage-tokenizer", "truncated-tokenizer-config", "garbage-weights",
         "truncated-weights"])
 def test_damaged_model_folder(model_copy, damage, pattern):
-    from posttrain.config import ModelConfig
+    from posttrain.config.schema import ModelConfig
     from posttrain.models import load_model, load_tokenizer, resolve_path
 
     damage(model_copy)
@@ -584,7 +585,7 @@ def test_damaged_model_folder(model_copy, damage, pattern):
     (b"{% for message in messages %}{{ message['content'] }}", r"model\.chat_template: invalid Jinja template, line"),
 ])
 def test_bad_chat_template_file(tmp_path, tiny_model_dir, template, pattern):
-    from posttrain.config import ModelConfig
+    from posttrain.config.schema import ModelConfig
     from posttrain.models import load_tokenizer
 
     (tmp_path / "t.jinja").write_bytes(template)

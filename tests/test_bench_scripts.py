@@ -196,7 +196,7 @@ def test_gemv_tuning_reports_the_float_output_entry_fastest_first(monkeypatch):
     """bench_ternary reports, per m = 1 shape, what the one-token kernel's tuner measured: the chosen config and
     every good one's time, from the entry of the plain float output (not the self-check's integer one)."""
     bench = load_script("bench_ternary")
-    from posttrain.ternary import gemv
+    from posttrain.ternary.infer import gemv
 
     slow, fast = gemv.GEMV_CONFIGS[0], gemv.GEMV_CONFIGS[-1]
     shape = torch.Size([3584, 4096])

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.config import Config, load_config
+from posttrain.config.schema import Config, load_config
 from posttrain.errors import PosttrainError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -108,10 +108,10 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_config_reference_is_generated_and_current():
-    from posttrain.config_reference import reference
+    from posttrain.config.reference import reference
 
     assert (CONFIGS.parent / "docs" / "CONFIG.md").read_text() == reference(), \
-        "docs/CONFIG.md is stale: python -m posttrain.config_reference > docs/CONFIG.md"
+        "docs/CONFIG.md is stale: python -m posttrain.config.reference > docs/CONFIG.md"
     assert "lambda_warmup_steps: 100" in reference() and "# sft | dpo | ternary" in reference()
 
 

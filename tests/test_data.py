@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from posttrain.config import DataConfig, DataSource
-from posttrain.data import load_splits, normalize, read_source
+from posttrain.config.schema import DataConfig, DataSource
+from posttrain.data.formats import load_splits, normalize
+from posttrain.data.sources import read_source
 from posttrain.errors import PosttrainError
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import posttrain
-from posttrain.config import load_config
-from posttrain.data import Rows
+from posttrain.config.schema import load_config
+from posttrain.data.formats import Rows
+from posttrain.data.preference import tokenize_pairs
 from posttrain.errors import PosttrainError
-from posttrain.preference import tokenize_pairs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -51,7 +51,7 @@ def test_second_run_reuses_cached_reference_log_probs(sft_dir, tmp_path):
 def test_lora_dpo_keeps_one_copy_of_the_base(sft_dir, tmp_path, monkeypatch):
     from peft import PeftModel
 
-    from posttrain.dpo_trainer import CachedReferenceDPOTrainer
+    from posttrain.integrations.trl_dpo import CachedReferenceDPOTrainer
 
     seen = {}
     original_train = CachedReferenceDPOTrainer.train
@@ -93,7 +93,7 @@ def test_truncation_policy_is_counted(tiny_tokenizer):
 
 
 def test_explicit_reference_model_is_not_loaded_on_a_cache_hit(sft_dir, tmp_path, monkeypatch):
-    from posttrain.recipes_registry import load_recipe
+    from posttrain.registry import load_recipe
 
     args = ["data.train={path: tiny:preference, fraction: 0.25}", "data.eval=[]", "train.max_steps=1",
             f"dpo.ref_model={sft_dir}"]

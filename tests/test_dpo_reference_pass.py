@@ -13,10 +13,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
 
-from posttrain import ref_cache, speed
-from posttrain.config import load_config
-from posttrain.dpo_trainer import REF_COLUMNS, CachedReferenceDPOTrainer
-from posttrain.packing import PaddingFreePreferenceCollator, prepare_model
+from posttrain.config.schema import load_config
+from posttrain.data import ref_cache
+from posttrain.data.packing import PaddingFreePreferenceCollator, prepare_model
+from posttrain.engine import plan as speed
+from posttrain.integrations.trl_dpo import REF_COLUMNS, CachedReferenceDPOTrainer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAD = 1  # the tiny tokenizer's <|pad|>

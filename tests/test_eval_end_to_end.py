@@ -188,7 +188,7 @@ def test_single_question_stderr_is_null_not_nan(tiny, tiny_data, tmp_path):
 
 
 def test_suite_of_tiny_sources_runs_end_to_end(tmp_path):
-    """Data from posttrain.data's `tiny:` sources (chat rows as generation tasks, the multiple-choice task, and
+    """Data from posttrain.data.sources's `tiny:` sources (chat rows as generation tasks, the multiple-choice task, and
     conversational preference pairs) on the offline tiny model, named as a run config names it."""
     suite = tmp_path / "suite.yaml"
     suite.write_text("""

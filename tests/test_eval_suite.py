@@ -122,7 +122,7 @@ def test_errors_carry_the_line_of_the_key(tmp_path):
 
 
 def test_data_sources_are_posttrain_data_sources(tmp_path, tiny_data):
-    from posttrain.config import DataSource
+    from posttrain.config.schema import DataSource
 
     suite = load_suite(
         {

@@ -22,10 +22,17 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from posttrain.config import Config, DataConfig, DataSource, build, dump_yaml, load_config, to_dict
-from posttrain.data import REQUIRED, SHAREGPT_ROLES, load_splits, normalize, parse_messages, read_source
+from posttrain.config.schema import Config, DataConfig, DataSource, build, dump_yaml, load_config, to_dict
+from posttrain.data.formats import (
+    REQUIRED,
+    SHAREGPT_ROLES,
+    load_splits,
+    normalize,
+    normalize_preference,
+    parse_messages,
+)
+from posttrain.data.sources import read_source
 from posttrain.errors import PosttrainError
-from posttrain.preference import normalize_preference
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,

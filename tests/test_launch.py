@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import build_parser, main
-from posttrain.launch import BUNDLED, launch_command
+from posttrain.engine.launch import BUNDLED, launch_command
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "accelerate"
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from posttrain.data import Rows
+from posttrain.data.formats import Rows
+from posttrain.data.sft_tokenize import IGNORE, chat_example, special_ids, tokenize_rows
 from posttrain.errors import PosttrainError
-from posttrain.masks import IGNORE, chat_example, special_ids, tokenize_rows
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful calculator."},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import ModelConfig
+from posttrain.config.schema import ModelConfig
 from posttrain.errors import PosttrainError
 from posttrain.models import load_model, load_tokenizer, resolve_path
 

@@ -11,10 +11,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from posttrain import speed
-from posttrain.config import load_config
-from posttrain.masks import IGNORE
-from posttrain.packing import (
+from posttrain.config.schema import load_config
+from posttrain.data.packing import (
     PaddingFreeCollator,
     PaddingFreePreferenceCollator,
     best_fit_decreasing,
@@ -23,6 +21,8 @@ from posttrain.packing import (
     prepare_model,
     tightest_rows,
 )
+from posttrain.data.sft_tokenize import IGNORE
+from posttrain.engine import plan as speed
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAD = 1  # the tiny tokenizer's <|pad|>
@@ -208,7 +208,7 @@ def test_tokens_per_step_sets_the_step_budget(model):
 def test_padding_free_dpo_log_probs_equal_the_padded_ones(tiny_model_dir, flatten):
     from trl.trainer.utils import add_fused_lm_head
 
-    from posttrain.dpo_trainer import PackedForward, pop_packed
+    from posttrain.integrations.trl_dpo import PackedForward, pop_packed
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import posttrain
-from posttrain.checkpoints import latest_checkpoint
-from posttrain.config import load_config
+from posttrain.config.schema import load_config
+from posttrain.engine.checkpoints import latest_checkpoint
 from posttrain.errors import PosttrainError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import posttrain
-from posttrain.config import load_config
+from posttrain.config.schema import load_config
+from posttrain.engine.run_dir import is_complete
 from posttrain.errors import PosttrainError
-from posttrain.outputs import is_complete
 from posttrain.tiny import TINY_VERSION
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

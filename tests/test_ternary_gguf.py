@@ -21,7 +21,7 @@ from posttrain.tiny import build_model, build_tokenizer, tiny_rows
 
 gguf = pytest.importorskip("gguf")
 
-from posttrain.ternary.gguf_export import export_gguf, gguf_bits_per_weight, tokenizer_pre  # noqa: E402
+from posttrain.ternary.export.gguf import export_gguf, gguf_bits_per_weight, tokenizer_pre  # noqa: E402
 
 TQ = {"gguf-tq1": "TQ1_0", "gguf-tq2": "TQ2_0"}
 BPW = {"TQ1_0": 1.6875, "TQ2_0": 2.0625, "Q8_0": 8.5}
@@ -313,7 +313,7 @@ def pair(request, tokenizer, trained_llama, one_thread, tmp_path_factory):
     a Qwen2 model (plus random q/k/v biases), exported from memory."""
     import llama_cpp
 
-    from posttrain.quantize import quantize
+    from posttrain.ternary.ptq import quantize
 
     out = tmp_path_factory.mktemp(f"llama-cpp-{request.param}")
     if request.param == "llama":
@@ -417,7 +417,7 @@ def test_llama3_and_qwen2_style_tokenizers_tokenize_alike_in_llama_cpp(style, tm
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from posttrain.ternary.gguf_export import PRE_BY_SPLIT_REGEX
+    from posttrain.ternary.export.gguf import PRE_BY_SPLIT_REGEX
     from posttrain.tiny import SPECIAL_TOKENS, _corpus
 
     pattern = next(p for p, name in PRE_BY_SPLIT_REGEX.items() if name == style)

@@ -27,8 +27,8 @@ from posttrain.ternary import (
     pack_ternary,
     ternary_linear_reference,
 )
-from posttrain.ternary import cpu as cpu_kernel
-from posttrain.ternary.inference import _SharedInputGroup
+from posttrain.ternary.infer import cpu as cpu_kernel
+from posttrain.ternary.infer.linear import _SharedInputGroup
 
 # (m, K, N): decode m = 1 and 16, a prefill m spanning several 16-row blocks; K = 200 and 96 are not multiples
 # of the 64-wide K block the interpreter runs with, N = 32 is a single 16-row packed block
@@ -98,12 +98,11 @@ def test_triton_kernels_compile_for_nvidia_gpus(arch):
     an int32 accumulator without out_dtype=tl.int32; the interpreter and triton 3.9 let it through): compile every
     decode and prefill config for Hopper and Ampere with the installed triton, no GPU needed."""
     pytest.importorskip("triton")
-    from posttrain.ternary import kernel
+    from posttrain.ternary.infer import kernel
 
-    if kernel._interpret():
+    if kernel.interpreting():
         pytest.skip("TRITON_INTERPRET is set")
-    kernel._import_triton()
-    kernels = kernel._build()
+    kernels = kernel._kernels()
     quant = {"x_ptr": "*bf16", "q_ptr": "*i8", "a_ptr": "*fp32", "s_ptr": "*i32", "K": "i32", "stride_xm": "i32",
              "stride_qm": "i32"}
     _compile_for(arch, kernels["act_quant"], quant, {"IS_BF16": True, "BLOCK_K": 4096},
@@ -118,7 +117,7 @@ def test_triton_kernels_compile_for_nvidia_gpus(arch):
         compiled = _compile_for(arch, kernels["mm"], types, {**flags, **config.kwargs},
                                 {"num_warps": config.num_warps, "num_stages": config.num_stages})
         assert compiled.asm.get("cubin"), config
-    from posttrain.ternary import gemv
+    from posttrain.ternary.infer import gemv
 
     for i, config in enumerate(gemv.GEMV_CONFIGS):  # one token: dp4a PTX
         out = ("bf16", "fp32")[i % 2]
@@ -141,9 +140,9 @@ def triton_interpret():
     if not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_kernels_under_interpreter")
     pytest.importorskip("triton")
-    from posttrain.ternary import kernel
+    from posttrain.ternary.infer import kernel
 
-    assert kernel._interpret()
+    assert kernel.interpreting()
     return kernel
 
 
@@ -277,7 +276,7 @@ def test_interpreted_gemv_exact(triton_interpret, dtype, config, monkeypatch):
     with and without the one-step-ahead weight loads: exact against the reference, with K not a multiple of the K
     block (and K shorter than one block), the token's scale over one or several tiles, with and without bias;
     K % 4 != 0 falls back to the two-kernel path."""
-    from posttrain.ternary import gemv
+    from posttrain.ternary.infer import gemv
 
     kernel = triton_interpret
     config = gemv.GemvConfig(*config)
@@ -362,9 +361,9 @@ def test_gemv_self_check_drops_wrong_or_failing_configs(monkeypatch):
     """On first use per device and dtype every one-token configuration is checked against the reference: one
     that disagrees (e.g. a GPU whose dp4a path misbehaves) or raises is dropped with a warning; with none left the
     one-token path is off (ready_config returns None: the two-kernel path serves single tokens)."""
-    from posttrain.ternary import gemv
+    from posttrain.ternary.infer import gemv
 
-    monkeypatch.setattr(gemv, "_interpret", lambda: False)
+    monkeypatch.setattr(gemv, "interpreting", lambda: False)
     monkeypatch.setattr(gemv, "_GEMV_GOOD", {})
 
     def reference(x, packed, scales, *, out_dtype, config, **_):
@@ -388,7 +387,7 @@ def test_host_grid_arithmetic_matches_triton():
     """kernel.cdiv / next_power_of_2 replace triton's constexpr functions in host code (each call through triton's
     wrapper costs microseconds a decode step cannot hide): the same values."""
     triton = pytest.importorskip("triton")
-    from posttrain.ternary import kernel
+    from posttrain.ternary.infer import kernel
 
     for a in range(1, 300):
         assert kernel.next_power_of_2(a) == triton.next_power_of_2(a)

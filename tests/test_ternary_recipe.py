@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import posttrain
-from posttrain.config import DataSource, load_config
-from posttrain.data import normalize, read_source
+from posttrain.config.schema import DataSource, load_config
+from posttrain.data.formats import normalize
+from posttrain.data.sft_tokenize import tokenize_rows
+from posttrain.data.sources import read_source
 from posttrain.errors import PosttrainError
-from posttrain.masks import tokenize_rows
 from posttrain.models import is_ternary_dir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -87,7 +88,7 @@ def test_ternary_refuses_adapters_and_unknown_formats(tmp_path, tiny_sft_dir):
         load_config(CONFIGS / "tiny" / "ternary.yaml", ["adapter.method=lora"])
     with pytest.raises(PosttrainError, match="train.compile is not supported for recipe: ternary"):
         load_config(CONFIGS / "tiny" / "ternary.yaml", ["train.compile=true"])
-    from posttrain.quantize import quantize
+    from posttrain.ternary.ptq import quantize
 
     with pytest.raises(PosttrainError, match="--format 'gguf-tq9' is not available"):
         quantize(str(tiny_sft_dir), tmp_path / "x", fmt="gguf-tq9")

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 import posttrain
-from posttrain.config import load_config
+from posttrain.config.schema import load_config
 from posttrain.tiny import tiny_rows
 
 TAGGED_CHATML = (

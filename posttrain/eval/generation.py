@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.data import parse_messages
+from posttrain.data.formats import parse_messages
 from posttrain.errors import PosttrainError
 from posttrain.eval.multiple_choice import mean, mean_stderr
 
@@ -25,7 +25,7 @@ from posttrain.eval.multiple_choice import mean, mean_stderr
 def generation_rows(rows: list[dict], origins: list[str]) -> list[dict]:
     """Rows as {"prompt": str | "messages": [...], "answer": ...}. A chat row without "answer" whose last message
     is the assistant's (tiny:chat, any messages dataset) is split: the messages before it are the prompt, its
-    content is the answer. Message lists are checked by posttrain.data.parse_messages."""
+    content is the answer. Message lists are checked by posttrain.data.sources.parse_messages."""
     out = []
     for row, origin in zip(rows, origins):
         messages = parse_messages(row["messages"], origin, "messages") if "messages" in row else None

@@ -4,7 +4,7 @@ reward(y) = beta * (log pi(y | x) - log pi_ref(y | x)), log-probs summed over th
 accuracy = mean(reward(chosen) > reward(rejected)) (strict: a tie counts as wrong, so a model compared with
 itself scores 0); margin = mean(reward(chosen) - reward(rejected)).
 
-Rows are read and tokenized by the DPO recipe's own code (posttrain.data.normalize, posttrain.preference.
+Rows are read and tokenized by the DPO recipe's own code (posttrain.data.sources.normalize, posttrain.data.preference.
 tokenize_pairs), which follows TRL's DPOTrainer: plain text gets EOS appended to each completion (unless already
 there) and is tokenized as prompt, prompt+chosen, prompt+rejected; conversational rows (message lists) go
 through the chat template (the prompt with the generation prompt). The completion starts where the tokenized
@@ -19,16 +19,16 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.config import DataConfig
-from posttrain.data import Rows, normalize
+from posttrain.config.schema import DataConfig
+from posttrain.data.formats import Rows, normalize
+from posttrain.data.preference import tokenize_pairs
 from posttrain.errors import PosttrainError
 from posttrain.eval.multiple_choice import mean, mean_stderr
 from posttrain.eval.tokenization import prefix_token_id
-from posttrain.preference import tokenize_pairs
 
 
 def as_pairs(rows: list[dict], origins: list[str] | None = None) -> Rows:
-    """Raw preference rows -> normalized Rows, as the DPO recipe reads them (posttrain.data.normalize):
+    """Raw preference rows -> normalized Rows, as the DPO recipe reads them (posttrain.data.sources.normalize):
     explicit, conversational, implicit-prompt and UltraFeedback shapes; bad rows fail naming their origin;
     pairs whose chosen equals rejected are dropped (counted in `dropped`)."""
     origins = origins or [f"preference row {i}" for i in range(1, len(rows) + 1)]
@@ -78,7 +78,7 @@ def pair_sequences(
 ) -> list[tuple[list[int], list[int]]]:
     """[(prompt, chosen), (prompt, rejected), ...] in the interleaved order `preference_metrics` expects.
 
-    Tokenized by posttrain.preference.tokenize_pairs, the DPO recipe's own function, so eval and training agree
+    Tokenized by posttrain.data.preference.tokenize_pairs, the DPO recipe's own function, so eval and training agree
     on which tokens are the completion; pairs longer than `max_length` keep their start, pairs whose prompt
     alone fills it are left out (both counted, with a warning).
     """

@@ -1,11 +1,11 @@
-"""The evaluation suite: typed dataclasses (the schema), loaded by posttrain.config's strict converter.
+"""The evaluation suite: typed dataclasses (the schema), loaded by posttrain.config.schema's strict converter.
 
 A suite names the held-out data and the settings of each metric family; every section is optional, so a
 suite with only `perplexity:` is valid. Unknown keys fail with the key's path, its line in the file and a
 did-you-mean, because a misspelt `strid:` silently falling back to a default would change the numbers without
-anyone noticing. Value checks are the sections' `problems()`, as in posttrain.config.
+anyone noticing. Value checks are the sections' `problems()`, as in posttrain.config.schema.
 
-Data is read by posttrain.data.read_source, so a section's `data` is a DataSource: a file (.jsonl, .json,
+Data is read by posttrain.data.sources.read_source, so a section's `data` is a DataSource: a file (.jsonl, .json,
 .csv, .parquet), a folder of them, a hub dataset, or `tiny:TASK`, written as a string or as
 `{path: ..., split: ..., subset: ...}`. Relative paths (data files, `include_path`, local model folders) are
 resolved against the suite file's folder first, then against the current directory, so a suite can ship next
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from posttrain.config import DataSource
-from posttrain.data import looks_like_path, read_source
+from posttrain.config.schema import DataSource
+from posttrain.config.strict import Where, build, read_yaml
+from posttrain.data.sources import looks_like_path, read_source
 from posttrain.errors import PosttrainError
 from posttrain.eval.variants import split_model_spec
-from posttrain.strict_config import Where, build, read_yaml
 
 _DATA_HELP = "is required: a data file or folder, a hub dataset or tiny:TASK"
 
@@ -213,7 +213,7 @@ def _resolve_model_spec(spec: str, base_dir: Path) -> str:
 def read_rows(
     data: DataSource | str | Path, required: tuple[str, ...] = (), limit: int | None = None
 ) -> tuple[list[dict], list[str]]:
-    """(rows, origins) of one data source via posttrain.data.read_source, first `limit` rows; a row without a
+    """(rows, origins) of one data source via posttrain.data.sources.read_source, first `limit` rows; a row without a
     required column fails naming its origin (file:line, or tiny:TASK[split] row N) and the column."""
     source = data if isinstance(data, DataSource) else DataSource(path=str(data))
     rows, origins = read_source(source)

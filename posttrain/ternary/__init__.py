@@ -9,86 +9,57 @@ Typical QAT flow:
     graph_generate(fast, input_ids, 128).tokens             # decode as CUDA-graph replays: 1.16x bf16 on an H200
 """
 
-from posttrain.ternary.bitlinear import (
-    BitLinear,
-    bitlinear_layers,
-    convert,
-    matches_any,
-    quantizable_linears,
-    set_quant_lambda,
-    ternarize_,
-)
-from posttrain.ternary.decode import Decoded, graph_generate
-from posttrain.ternary.export import (
-    bits_per_weight,
-    export_bitnet,
-    export_fake_quant,
-    load_ternary,
-)
-from posttrain.ternary.gguf_export import export_gguf, gguf_bits_per_weight
-from posttrain.ternary.inference import (
-    TernaryLinear,
-    fuse_shared_inputs,
-    load_fast_ternary,
-    swap_ternary_linears,
-)
-from posttrain.ternary.pack import pack_ternary, unpack_ternary
-from posttrain.ternary.quant import (
-    absmean_scale,
-    activation_codes,
-    activation_quant,
-    bitnet_weight_scale,
-    dequantize,
-    lambda_at,
-    latent_from_ternary,
-    ste_blend,
-    ternary_codes,
-    ternary_linear_reference,
-    weight_quant,
-)
+import importlib
+
+# Every name is imported on first use: `import posttrain.ternary` stays cheap (torch, transformers' Trainer and
+# triton are only loaded by the parts that need them).
+_WHERE = {
+    "BitLinear": "posttrain.ternary.qat.bitlinear",
+    "Decoded": "posttrain.ternary.infer.decode",
+    "TernaryLambdaCallback": "posttrain.ternary.qat.warmup",
+    "TernaryLinear": "posttrain.ternary.infer.linear",
+    "absmean_scale": "posttrain.ternary.quant",
+    "activation_codes": "posttrain.ternary.quant",
+    "activation_quant": "posttrain.ternary.quant",
+    "bitlinear_layers": "posttrain.ternary.qat.bitlinear",
+    "bitnet_weight_scale": "posttrain.ternary.quant",
+    "bits_per_weight": "posttrain.ternary.export.hf",
+    "convert": "posttrain.ternary.qat.bitlinear",
+    "dequantize": "posttrain.ternary.quant",
+    "export_bitnet": "posttrain.ternary.export.hf",
+    "export_fake_quant": "posttrain.ternary.export.hf",
+    "export_gguf": "posttrain.ternary.export.gguf",
+    "fuse_shared_inputs": "posttrain.ternary.infer.linear",
+    "gguf_bits_per_weight": "posttrain.ternary.export.gguf",
+    "graph_generate": "posttrain.ternary.infer.decode",
+    "lambda_at": "posttrain.ternary.quant",
+    "latent_from_ternary": "posttrain.ternary.quant",
+    "load_fast_ternary": "posttrain.ternary.infer.linear",
+    "load_ternary": "posttrain.ternary.export.hf",
+    "matches_any": "posttrain.ternary.qat.bitlinear",
+    "pack_ternary": "posttrain.ternary.pack",
+    "quantizable_linears": "posttrain.ternary.qat.bitlinear",
+    "set_quant_lambda": "posttrain.ternary.qat.bitlinear",
+    "ste_blend": "posttrain.ternary.quant",
+    "swap_ternary_linears": "posttrain.ternary.infer.linear",
+    "ternarize_": "posttrain.ternary.qat.bitlinear",
+    "ternary_codes": "posttrain.ternary.quant",
+    "ternary_linear_reference": "posttrain.ternary.quant",
+    "unpack_ternary": "posttrain.ternary.pack",
+    "weight_quant": "posttrain.ternary.quant",
+}
 
 
 def __getattr__(name: str):
-    # lazy: transformers' Trainer stack takes seconds to import and is only needed when training
-    if name == "TernaryLambdaCallback":
-        from posttrain.ternary.callback import TernaryLambdaCallback
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return TernaryLambdaCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])
 
 
-__all__ = [
-    "BitLinear",
-    "TernaryLambdaCallback",
-    "TernaryLinear",
-    "Decoded",
-    "absmean_scale",
-    "activation_codes",
-    "activation_quant",
-    "bitnet_weight_scale",
-    "bitlinear_layers",
-    "bits_per_weight",
-    "convert",
-    "dequantize",
-    "export_bitnet",
-    "export_fake_quant",
-    "export_gguf",
-    "fuse_shared_inputs",
-    "gguf_bits_per_weight",
-    "graph_generate",
-    "lambda_at",
-    "latent_from_ternary",
-    "load_ternary",
-    "load_fast_ternary",
-    "matches_any",
-    "pack_ternary",
-    "quantizable_linears",
-    "set_quant_lambda",
-    "ste_blend",
-    "swap_ternary_linears",
-    "ternarize_",
-    "ternary_codes",
-    "ternary_linear_reference",
-    "unpack_ternary",
-    "weight_quant",
-]
+__all__ = sorted(_WHERE)

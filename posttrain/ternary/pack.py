@@ -10,7 +10,7 @@ i.e. the rows are cut into 4 consecutive blocks of R rows and block i lives in b
 out % 4 != 0: there the missing rows of the last block are left as bits 00, which unpack to -1, exactly as
 pack_weights leaves them. Unpacking therefore always yields 4 * R rows; pass `rows=out` to trim the padding.
 Transformers' `BitLinear` allocates out // 4 packed rows, so it cannot load a layer whose out_features is not
-a multiple of 4; `posttrain.ternary.export` refuses such layers (see there) instead of writing a file that
+a multiple of 4; `posttrain.ternary.export.hf` refuses such layers (see there) instead of writing a file that
 fails to load. Unlike pack_weights, `pack_ternary` does not modify its argument, and it needs no
 torch.compile (transformers' unpack_weights compiles for ~12 s on a CPU).
 """

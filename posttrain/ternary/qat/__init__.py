@@ -1,0 +1,1 @@
+"""Quantization-aware training at 1.58 bits: BitLinear layers (bitlinear.py) and the quantizer warm-up (warmup.py)."""

@@ -1,0 +1,90 @@
+"""Every private name of trl, transformers, accelerate and peft that posttrain uses (all in posttrain/integrations/)
+still exists with the signature the code relies on. A release that renames one fails here, with the name, instead
+of silently breaking a user's multi-GPU run. To raise a version bound in pyproject.toml, install the new version
+and run this file (and the suite)."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("trl", "transformers", "accelerate", "peft")
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_trainer_checkpoint_hooks():
+    from transformers import Trainer
+
+    assert parameters(Trainer._save_checkpoint) == ["self", "model", "trial"]
+    assert parameters(Trainer._get_output_dir) == ["self", "trial"]
+    assert parameters(Trainer._track_num_input_tokens) == ["self", "inputs"]
+    # _save_checkpoint writes under the folder _get_output_dir returns (what the staging relies on)
+    assert "self._get_output_dir(" in inspect.getsource(Trainer._save_checkpoint)
+    # the Trainer counts tokens through the hook that posttrain moves to right after the forward
+    assert "self._track_num_input_tokens(" in inspect.getsource(Trainer)
+
+
+def test_accelerate_prepared_mark():
+    import accelerate.accelerator
+    from accelerate import Accelerator
+
+    source = inspect.getsource(accelerate.accelerator)
+    assert "_is_accelerate_prepared" in source  # the mark that an early evaluate() leaves on the bare model
+    assert "self._models" in inspect.getsource(Accelerator.__init__)
+
+
+def test_trl_dpo_internals():
+    import trl.trainer.dpo_trainer as trl_dpo
+    from trl import DPOTrainer
+
+    assert parameters(DPOTrainer._prepare_dataset) == ["self", "dataset", "processing_class", "args", "dataset_name"]
+    assert parameters(DPOTrainer._precompute_ref_logps) == ["self", "dataset", "name", "batch_size"]
+    assert parameters(DPOTrainer.compute_ref_log_probs) == ["self", "model", "inputs"]
+    assert callable(trl_dpo.hash_module)
+    assert "hash_module(" in inspect.getsource(DPOTrainer.__init__)  # the call that posttrain skips
+
+
+def test_transformers_model_internals(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.integrations.transformers_models import attention_implementation, flat_rows_needed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    assert attention_implementation(model) == "sdpa" and not flat_rows_needed(model)
+    import transformers.modeling_utils
+
+    assert "_is_quantized" in inspect.getsource(transformers.modeling_utils)
+
+
+def private_library_uses(path: Path) -> list[str]:
+    """Accesses of `_name` attributes on trl/transformers/accelerate/peft objects, found as `super()._x`, overrides
+    of a library class's `_x` method, and `_x` imported from those libraries."""
+    uses = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in LIBRARIES:
+            uses += [f"from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if isinstance(node.value, ast.Call) and getattr(node.value.func, "id", "") == "super":
+                uses.append(f"super().{node.attr}")
+            elif node.attr in KNOWN_PRIVATE:
+                uses.append(node.attr)
+    return uses
+
+
+KNOWN_PRIVATE = {"_save_checkpoint", "_get_output_dir", "_track_num_input_tokens", "_is_accelerate_prepared",
+                 "_models", "_attn_implementation", "_is_quantized", "_prepare_dataset", "_precompute_ref_logps"}
+TORCH_OVERRIDES = {"super()._apply", "super()._load_from_state_dict"}  # torch.nn.Module's documented hooks
+
+
+@pytest.mark.parametrize("path", sorted(p for p in [*ROOT.glob("posttrain/**/*.py"), *ROOT.glob("recipes/*.py")]
+                                        if "integrations" not in p.parts), ids=lambda p: str(p.relative_to(ROOT)))
+def test_private_names_only_in_integrations(path):
+    outside = [u for u in private_library_uses(path) if u not in TORCH_OVERRIDES]
+    assert not outside, f"{path.relative_to(ROOT)} touches library internals {outside}: move them to integrations/"
