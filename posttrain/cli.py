@@ -13,13 +13,11 @@ from posttrain.errors import PosttrainError
 
 
 def _run(args) -> None:
+    from posttrain.engine.launch import check_launch_flags, relaunch
     from posttrain.pipeline import run
 
-    if args.nproc < 1 or args.num_machines < 1:
-        raise PosttrainError("--nproc and --num-machines must be >= 1")
+    check_launch_flags(args)  # also with one process: a multi-node flag alone is a mistake, not a no-op
     if args.nproc > 1 or args.num_machines > 1:
-        from posttrain.engine.launch import relaunch
-
         relaunch(args)  # does not return: this process becomes `accelerate launch ... -m posttrain run ...`
     metrics = run(args.config, args.overrides, resume=args.resume)
     first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
@@ -35,9 +33,59 @@ def _validate(args) -> None:
     if read_yaml(path)[0].get("recipe") == "pipeline":
         from posttrain.pipeline import load_pipeline
 
-        print(dump_yaml(load_pipeline(path, args.overrides)), end="")
+        cfg = load_pipeline(path, args.overrides)
+        _check_pipeline_paths(cfg, path)
     else:
-        print(dump_yaml(load_config(path, args.overrides)), end="")
+        cfg = load_config(path, args.overrides)
+        _check_paths(cfg)
+    print(dump_yaml(cfg), end="")
+
+
+def _check_paths(cfg, model_made_earlier: bool = False) -> None:
+    """What `run` would fail on that is known without training: the model path (a hub name is not fetched, a
+    `tiny:` model not built), local data files (hub datasets are not fetched), and output_dir (a file in the
+    way, a place that cannot be written, a finished run without overwrite: the run folder's own check)."""
+    from pathlib import Path
+
+    from posttrain.data.sources import looks_like_path
+    from posttrain.engine.run_dir import _check_run_dir
+    from posttrain.files import check_writable
+    from posttrain.models import resolve_path
+
+    if not (model_made_earlier or cfg.model.name_or_path.startswith("tiny:")):
+        resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
+    for source in cfg.data.train + cfg.data.eval:
+        if source.path.startswith("tiny:") or not looks_like_path(source.path):
+            continue
+        try:
+            data = Path(source.path).expanduser()
+            missing, checked = not data.exists(), data.resolve()
+        except (OSError, ValueError, RuntimeError):  # a NUL byte, ~unknown_user ...: reading it says why
+            continue
+        if missing:
+            raise PosttrainError(f"data file {source.path!r} does not exist (checked {str(checked)!r})")
+    _check_run_dir(cfg, check_writable(cfg.output_dir, "output_dir"))
+
+
+def _check_pipeline_paths(pipeline, path) -> None:
+    """Each stage checked as _check_paths checks a run config, with the overrides the pipeline gives it
+    (posttrain.pipeline._run_stage); a model an earlier stage makes is not there yet, so it is not checked."""
+    from pathlib import Path
+
+    from posttrain.config.schema import load_config
+    from posttrain.files import check_writable
+
+    root, out = Path(path).resolve().parent, check_writable(pipeline.output_dir, "output_dir")
+    for stage in pipeline.stages:
+        try:
+            if stage.config:
+                made = [f"model.name_or_path={out / stage.model_from}"] if stage.model_from else []
+                overrides = [*stage.overrides, *made, f"output_dir={out / stage.name}", "overwrite=true"]
+                _check_paths(load_config(root / stage.config, overrides), model_made_earlier=bool(made))
+            elif stage.suite and not (root / stage.suite).is_file():
+                raise PosttrainError(f"suite {stage.suite!r} not found (checked {root / stage.suite})")
+        except PosttrainError as err:
+            raise PosttrainError(f"stage {stage.name}: {err}") from None
 
 
 def _ls(args) -> None:
@@ -56,7 +104,8 @@ def _ls(args) -> None:
 def _init_tiny(args) -> None:
     from posttrain.tiny import build_tiny
 
-    print(f"posttrain: tiny {args.arch} model written to {build_tiny(args.out_dir, args.arch)}")
+    out = build_tiny(args.out_dir, args.arch, overwrite=args.overwrite)
+    print(f"posttrain: tiny {args.arch} model written to {out}")
 
 
 def _merge(args) -> None:
@@ -118,7 +167,10 @@ def _add_launch_arguments(sub) -> None:
     group.add_argument("--num-machines", type=int, default=1, help="machines (multi-node)")
     group.add_argument("--machine-rank", type=int, default=0, help="this machine's rank (multi-node)")
     group.add_argument("--main-process-ip", help="rank-0 machine's address (multi-node)")
-    group.add_argument("--main-process-port", type=int, help="rank-0 machine's port (multi-node)")
+    group.add_argument("--main-process-port", type=int, help="rank-0 machine's port (multi-node; default 29500)")
+    group.add_argument("--rdzv-backend", choices=["static", "c10d"],
+                       help="multi-node rendezvous: static (machine ranks as given; default) or c10d (torchrun's "
+                            "elastic rendezvous; it numbers the machines itself)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name, func, help_text):
-        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub = verbs.add_parser(name, help=help_text, description=help_text,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.set_defaults(func=func)
+        sub.add_argument("--quiet", action="store_true",
+                         help="print only errors and the final summary (no progress bars, no informational lines)")
         return sub
 
     for name, func, help_text in (("run", _run, "run the recipe that a config names"),
@@ -139,26 +194,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_arguments(verbs.choices["run"])
     verb("ls", _ls, "list recipes and bundled configs")
     sub = verb("init-tiny", _init_tiny, "write an offline tiny model + tokenizer with a chat template")
-    sub.add_argument("out_dir")
-    sub.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    sub.add_argument("out_dir", help="new or empty folder for the model (config, safetensors, tokenizer)")
+    sub.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="architecture of the tiny model")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir folder")
     sub = verb("merge", _merge, "merge a LoRA/QLoRA adapter into its base model -> a full model folder")
     sub.add_argument("adapter_dir")
     sub.add_argument("--out", required=True, help="folder for the merged model")
-    sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="dtype the merged weights are saved in")
     sub.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (pickle)")
-    sub.add_argument("--trust-remote-code", action="store_true")
+    sub.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code from the hub")
     sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     sub = verb("quantize", _quantize, "post-training ternarization (BitNet b1.58, no training) and export")
     sub.add_argument("model", help="model folder, LoRA adapter folder, or hub name")
-    sub.add_argument("--method", default="ternary", help="quantization method (ternary)")
+    sub.add_argument("--method", default="ternary", choices=["ternary"],
+                     help="quantization method: ternary (BitNet b1.58 absmean, one scale per tensor)")
     sub.add_argument("--out", required=True, help="output folder")
     sub.add_argument("--format", default="hf", help="hf (transformers BitNet, packed 2-bit), fake-quant (dense), or "
                      "gguf-tq1 / gguf-tq2 (llama.cpp GGUF, TQ1_0 1.69 / TQ2_0 2.06 bits/weight)")
     sub.add_argument("--gguf-dense", choices=["f16", "q8_0", "f32"], default="f16",
                      help="GGUF type of the embeddings, output head and other dense matrices (default f16)")
     sub.add_argument("--skip", nargs="*", default=[], help="module-name patterns to keep dense")
-    sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    sub.add_argument("--overwrite", action="store_true")
+    sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                     help="dtype of the dense tensors and scales (auto: the model's)")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     sub.add_argument("--allow-pickle", action="store_true", help="allow .bin weights (pickle)")
     sub = verb("eval", _eval, "evaluate models side by side (quality, preference, drift) into one report")
     sub.add_argument("models", nargs="+", metavar="MODEL", help="[name=]path: model, adapter, ternary export or hub")
@@ -167,13 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("bench", _bench, "size, load time, memory, prefill/decode speed of models, into the same report")
     sub.add_argument("models", nargs="+", metavar="MODEL", help="[name=]path: model, adapter, ternary export or hub")
     sub.add_argument("--out", required=True, help="folder for results.json, report.md and plots")
-    sub.add_argument("--prompt-tokens", type=int, default=128)
-    sub.add_argument("--new-tokens", type=int, default=32)
-    sub.add_argument("--repeats", type=int, default=5)
+    sub.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the prefill measurement")
+    sub.add_argument("--new-tokens", type=int, default=32, help="tokens generated for the decode measurement")
+    sub.add_argument("--repeats", type=int, default=5, help="timed repetitions per model (the median is reported)")
     sub = verb("demo", _demo, "the whole pipeline offline on a tiny model (pretrain, SFT, LoRA, DPO, 1.58-bit) "
                               "and the report comparing every variant; a rerun skips finished stages")
     sub.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     return parser
+
+
+def looks_like_override(token: str) -> bool:
+    key, sep, _ = token.partition("=")
+    return bool(sep) and not token.startswith("-") and all(part.isidentifier() for part in key.split("."))
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """argparse, with dotted overrides accepted anywhere on the line: `run cfg.yaml --nproc 2 output_dir=x` too
+    (argparse stops filling a positional list at the first flag; what it leaves over is collected here)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(looks_like_override(t) for t in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # bitsandbytes warns on every CPU import that an optional kernels package is missing: noise, not news.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(build_parser(), sys.argv[1:] if argv is None else argv)
+    if getattr(args, "quiet", False):
+        from posttrain import log
+
+        log.set_quiet()
     try:
         args.func(args)
     except PosttrainError as err:

@@ -24,6 +24,7 @@ from typing import Literal
 
 import yaml
 
+from posttrain import log
 from posttrain.config.strict import apply_overrides, build, read_yaml, where_in
 from posttrain.errors import PosttrainError
 
@@ -120,15 +121,15 @@ def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> Path:
     for stage in cfg.stages:
         folder = out / stage.name
         if stage_done(stage, folder):
-            print(f"posttrain: stage {stage.name}: finished earlier, skipped")
+            log.info(f"stage {stage.name}: finished earlier, skipped")
             continue
         started = time.perf_counter()
-        print(f"posttrain: stage {stage.name}: running")
+        log.info(f"stage {stage.name}: running")
         try:
             _run_stage(stage, folder, root, out)
         except PosttrainError as err:
             raise PosttrainError(f"stage {stage.name}: {err}") from None
-        print(f"posttrain: stage {stage.name}: done in {time.perf_counter() - started:.0f} s")
+        log.info(f"stage {stage.name}: done in {time.perf_counter() - started:.0f} s")
     return out
 
 

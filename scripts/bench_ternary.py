@@ -53,13 +53,13 @@ from posttrain.ternary import (  # noqa: E402
     convert,
     export_bitnet,
     graph_generate,
-    kernel,
     load_fast_ternary,
     pack_ternary,
     ternary_linear_reference,
     unpack_ternary,
 )
 from posttrain.ternary.infer import cpu as cpu_kernel  # noqa: E402
+from posttrain.ternary.infer import kernel  # noqa: E402
 from posttrain.ternary.infer.linear import _torch_linear  # noqa: E402
 
 GPU_SHAPES = [(2560, 6912), (6912, 2560), (4096, 14336), (14336, 4096), (8192, 28672)]

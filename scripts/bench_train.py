@@ -20,7 +20,7 @@ SFT  posttrain      posttrain's sft recipe with every throughput setting at its 
      trl_packed     TRL tuned: checkpointing off + packing (bfd, padding-free), 4 rows per batch (~the same tokens).
 DPO  posttrain      posttrain's dpo recipe defaults: padding-free batches, reference log-probs precomputed once
                     (cold cache: their cost is in the set-up time), auto checkpointing.
-     trl_defaults   DPOTrainer with DPOConfig's defaults and a second copy as the reference (as dpo_anchor.py).
+     trl_defaults   DPOTrainer with DPOConfig's defaults and a second copy as the reference (as the anchors').
      trl_no_ckpt    the same with gradient checkpointing off.
      posttrain_warm posttrain again, afterwards, with the reference cache the first run filled (a rerun or a
                     beta sweep): its set-up has no reference pass.
@@ -29,7 +29,7 @@ Measured: real (non-padding) tokens/s or pairs/s over the steps after the first 
 variants run one after the other, as on a GPU; step time only in CPU lockstep mode, see Clock), set-up time (model
 loading, tokenizing, reference pass: from the start until train() begins), set-up plus all steps (DPO trains one
 epoch, 50 steps over the 400 pairs, so that this is the time to train on them; on a GPU TRL's DPO variants stop
-after 20 steps, as dpo_anchor.py does, to save device time: their rate and set-up are still measured), peak memory
+after 20 steps, as the anchors' do, to save device time: their rate and set-up are still measured), peak memory
 (CUDA peak allocated; on CPU the process's peak RSS), and the losses: SFT compares the exact per-token loss on
 held-out documents after the epoch (the same documents and tokens for every variant) and the mean training loss over
 the last quarter of the steps; DPO compares the losses step by step (same pairs in the same order). Prints a table

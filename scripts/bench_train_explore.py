@@ -19,12 +19,12 @@ computes the entropy and top-1 accuracy it logs and reads them back (.item()). I
 64 wide), cProfile put most of posttrain's gap to plain_loop in that head. Not measured on a GPU, where TRL's head is a
 Triton kernel that never materializes the 151,936-wide logits.
 
-plain_loop: the limit the issue measures posttrain against ("a plain PyTorch loop", ../shared/DESIGN.md §5), on
-this host in this run: the rows posttrain packs (its packing code), as many per step as posttrain's plan takes,
-trained by a bare loop (forward with transformers' own loss, backward, clipping, fused AdamW, linear schedule; no
-Trainer, no callbacks, no metrics). posttrain's rate over this one is its framework overhead, whatever the host's
-speed (the anchors' host ran TRL 1.9x faster than session 4's). plain_loop_8k: the same with 8,192 tokens per step,
-the anchor's own setting (75.4k tokens/s there): this host's speed against the anchors' host.
+plain_loop: the limit the issue measures posttrain against ("a plain PyTorch loop", docs/BENCHMARKS.md), on this
+host in this run: the rows posttrain packs (its packing code), as many per step as posttrain's plan takes, trained
+by a bare loop (forward with transformers' own loss, backward, clipping, fused AdamW, linear schedule; no Trainer,
+no callbacks, no metrics). posttrain's rate over this one is its framework overhead, whatever the host's speed (the
+anchors' host ran TRL 1.9x faster than the H200-A host of docs/BENCHMARKS.md). plain_loop_8k: the same with 8,192
+tokens per step, the anchor's own setting (75.4k tokens/s there): this host's speed against the anchors' host.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ class StepProfile:
 
     def summarize(self, averages, steps: int) -> None:
         """Only the GPU's own events (kernels, copies) count as GPU time: the CPU-side ops that launched them carry
-        the same device time again (session 4's first profile summed both and read ~3x too high), and so do
+        the same device time again (summing both reads ~3x too high), and so do
         record_function regions mirrored on the GPU (is_user_annotation: Optimizer.step#AdamW.step spans the
         optimizer's kernels), which torch's own table leaves out too."""
         from torch.autograd import DeviceType

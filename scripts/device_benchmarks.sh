@@ -1,12 +1,13 @@
 #!/bin/bash
 # The GPU numbers of docs/BENCHMARKS.md in one call on one H100/H200 with no network, each part under its own
 # time limit so that one slow part cannot cost the others (logs and JSON land in $OUT as each part ends).
-#   here, once:           ../shared/device/fetch-wheels.sh transformers==5.24.0     (fills .whl/, git-ignored)
+#   here, once:           fill .whl/ (git-ignored) with wheels of the packages the GPU image lacks (trl, datasets,
+#                         transformers==5.24.0) and a .whl/setup.sh that installs them
 #                         and, for the posttrain_liger variant, a liger-kernel wheel in .whl/extra/
 #   on the GPU machine:   source .whl/setup.sh && bash scripts/device_benchmarks.sh [kernels] [e2e] [train]
 # With no arguments all three parts run; limits (seconds) via LIMIT_KERNELS/LIMIT_E2E/LIMIT_TRAIN. A dry run of this
 # script on a CPU: TRAIN_MODE=smoke bash scripts/device_benchmarks.sh train
-# Timings on an H200: kernels ~55 s, e2e ~50 s (session 4); the train part's 8 standard variants ~300 s, plus a
+# Timings on an H200: kernels ~55 s, e2e ~50 s; the train part's 8 standard variants ~300 s, plus a
 # throwaway settle run first and a second round of posttrain and trl_defaults last (--rounds, TRAIN_ROUNDS=2),
 # ~90 s: a GPU host's speed drifts (two calls of the same code differed by 1.4x), see bench_train.py. The
 # exploration variants (TRAIN_EXTRA) run last, so a time limit (LIMIT_TRAIN, default 390 s) cuts them first: give

@@ -51,6 +51,15 @@ def test_trl_dpo_internals():
     assert "hash_module(" in inspect.getsource(DPOTrainer.__init__)  # the call that posttrain skips
 
 
+def test_trl_logged_metrics():
+    """TRL's trainers keep the values of each log line in self._metrics[mode][name] and average them in log()."""
+    from trl import DPOTrainer, SFTTrainer
+
+    assert '_metrics[mode]["num_tokens"]' in inspect.getsource(SFTTrainer.compute_loss)
+    for trainer_class in (SFTTrainer, DPOTrainer):
+        assert "self._metrics[mode].items()" in inspect.getsource(trainer_class.log), trainer_class
+
+
 def test_transformers_model_internals(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +88,8 @@ def private_library_uses(path: Path) -> list[str]:
 
 
 KNOWN_PRIVATE = {"_save_checkpoint", "_get_output_dir", "_track_num_input_tokens", "_is_accelerate_prepared",
-                 "_models", "_attn_implementation", "_is_quantized", "_prepare_dataset", "_precompute_ref_logps"}
+                 "_models", "_attn_implementation", "_is_quantized", "_prepare_dataset", "_precompute_ref_logps",
+                 "_metrics"}
 TORCH_OVERRIDES = {"super()._apply", "super()._load_from_state_dict"}  # torch.nn.Module's documented hooks
 
 

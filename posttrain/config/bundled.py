@@ -6,7 +6,7 @@ Run configs and pipelines are what `posttrain run` takes; configs/accelerate/ (l
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 _SOURCE_TREE = Path(__file__).resolve().parents[2] / "configs"
@@ -17,11 +17,14 @@ def configs_dir() -> Path | None:
     """configs/ of a source checkout, else the installed package's copy."""
     if _SOURCE_TREE.is_dir():
         return _SOURCE_TREE
+    # configs/ holds YAML only (no __init__.py), so the installed copy is a namespace package: its folder is
+    # the spec's search location (importlib.resources.files would give a MultiplexedPath, not a folder).
     try:
-        installed = Path(str(importlib.resources.files("posttrain.configs")))
+        spec = importlib.util.find_spec("posttrain.configs")
     except ModuleNotFoundError:
         return None
-    return installed if installed.is_dir() else None
+    folders = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    return next((f for f in folders if f.is_dir()), None)
 
 
 def bundled_configs(runnable: bool | None = None) -> list[str]:

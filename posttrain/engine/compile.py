@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from posttrain import log
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The model's stack of decoder layers (Llama, Qwen2, Mistral, Gemma, Phi ... all keep it at model.layers)."""
@@ -40,11 +42,11 @@ def compile_decoder_layers(model: nn.Module) -> int:
     returns how many."""
     layers = decoder_layers(model)
     if layers is None:
-        print("posttrain speed: WARNING: train.compile found no decoder layers (model.layers) in "
-              f"{type(model).__name__}; training eagerly")
+        log.warning("train.compile found no decoder layers (model.layers) in "
+            f"{type(model).__name__}; training eagerly")
         return 0
     torch._dynamo.config.suppress_errors = True  # a frame that cannot compile runs eagerly
     for layer in layers:
         layer.compile(dynamic=True)
-    print(f"posttrain speed: {len(layers)} decoder layers compiled (dynamic shapes; the first step compiles)")
+    log.info(f"speed: {len(layers)} decoder layers compiled (dynamic shapes; the first step compiles)")
     return len(layers)

@@ -9,6 +9,7 @@ every rank as the same error, so they all stop with one line instead of waiting 
 
 from __future__ import annotations
 
+from posttrain import log
 from posttrain.errors import PosttrainError
 
 
@@ -31,8 +32,8 @@ def on_main_then_shared(compute, *args, **kwargs):
     if state.is_main_process:
         try:
             box[0] = ("ok", compute(*args, **kwargs))
-            print(f"posttrain: {compute.__name__} ran once, on the main process; shared with "
-                  f"{state.num_processes - 1} other process(es)", flush=True)
+            log.info(f"{compute.__name__} ran once, on the main process; shared with "
+                f"{state.num_processes - 1} other process(es)")
         except Exception as err:  # noqa: BLE001 - told to the other ranks, then raised here as it was
             failure, box[0] = err, ("error", str(err) if isinstance(err, PosttrainError) else None)
     dist.broadcast_object_list(box, src=0, device=None if state.device.type == "cpu" else state.device)

@@ -22,7 +22,7 @@ already resident) + gradients and two AdamW moments of the trainable parameters 
 (10 h + 5 I) elements per token per layer (h hidden size, I MLP size) without checkpointing and 2 h per layer plus
 one whole layer with it. TRL's fused LM head never materializes the logits. For the Qwen2.5-0.5B shape in bf16
 and 8 x 1024 tokens it gives 15.9 GiB without checkpointing and 4.8 GiB with it; TRL's peaks on batches padded
-to at most that were 15.4 and 4.4 GiB (H200, DESIGN.md §5). A step is said to fit when the estimate is under 85%
+to at most that were 15.4 and 4.4 GiB (H200, docs/BENCHMARKS.md). A step is said to fit when the estimate is under 85%
 of what is free: CUDA free memory, or MemAvailable on CPU (with several processes: the device's total memory,
 so that every rank takes the same decision). Sharding (FSDP, ZeRO) is ignored, which only errs towards
 checkpointing.
@@ -35,6 +35,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from posttrain import log
 from posttrain.data.packing import PaddingFreeCollator, pack_examples
 from posttrain.engine.compile import compile_decoder_layers
 from posttrain.errors import PosttrainError
@@ -64,7 +65,7 @@ class SpeedPlan:
 
     def report(self) -> None:
         for line in self.lines:
-            print(f"posttrain speed: {line}")
+            log.info(f"speed: {line}")
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "lines" and v is not None}
@@ -186,7 +187,7 @@ def fastest_attention(model_cfg):
         why = "flash-attn installed: varlen kernels over the packed documents"
     else:
         why = "flash-attn needs a CUDA GPU and a bf16/fp16 model"
-    print(f"posttrain speed: attention {chosen.attn_implementation or 'sdpa'}: {why} [model.attn_implementation]")
+    log.info(f"speed: attention {chosen.attn_implementation or 'sdpa'}: {why} [model.attn_implementation]")
     return chosen
 
 

@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl import DPOTrainer
 
+from posttrain import log
 from posttrain.data.packing import PACKED_KEYS
+from posttrain.integrations.transformers_warnings import no_is_gradient_checkpointing_warning
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
@@ -114,7 +116,7 @@ class CachedReferenceDPOTrainer(DPOTrainer):
         chosen, rejected = [], []
         try:
             for batch in tqdm(loader, desc=f"reference log-probs ({name})",
-                              disable=not self.accelerator.is_main_process):
+                              disable=log.progress_disabled()):
                 pair = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
                 chosen.append(pair[0])
                 rejected.append(pair[1])
@@ -126,7 +128,8 @@ class CachedReferenceDPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forwards += 1
         packed = pop_packed(inputs)
-        return super().compute_ref_log_probs(model if packed is None else PackedForward(model, packed), inputs)
+        with no_is_gradient_checkpointing_warning():  # TRL reads transformers' deprecated name around it
+            return super().compute_ref_log_probs(model if packed is None else PackedForward(model, packed), inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         packed = pop_packed(inputs)

@@ -7,7 +7,7 @@ BLOCK_N packed rows quantizes the token itself (it sits in L2) and reads the wei
 one mask and one dp4a per 4 weight bytes and bit plane (_gemv_fn). Same math and bits as
 kernel.ternary_linear_reference; the layout is kernel.py's (transformers' BitNet packing, fused groups through
 the same column map). Every configuration is checked against the reference on first use per device and dtype,
-and the fastest good one is chosen per shape. On an H200 (session 4) the first twelve configurations all passed
+and the fastest good one is chosen per shape. On an H200 (2026-11-26) the first twelve configurations all passed
 that check and the kernel ran 4096x14336 in 12.0 us and 8192x28672 in 26.0 us of GPU time (docs/BENCHMARKS.md);
 the later candidates (GEMV_CONFIGS) are checked in the interpreter and compiled for sm_90/sm_80 in the tests, not
 yet run on a GPU.
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from posttrain.ternary.infer.triton_setup import cdiv, import_triton, interpreting, next_power_of_2
+from posttrain.ternary.infer.triton_setup import built_kernels, cdiv, interpreting, next_power_of_2
 from posttrain.ternary.pack import pack_ternary
 from posttrain.ternary.quant import ternary_linear_reference
 
@@ -32,12 +32,7 @@ _BUILT: dict[bool, object] = {}
 
 def _kernels() -> dict:
     """{"gemv": the jit'd kernel} for the current TRITON_INTERPRET mode, built on first use."""
-    global triton, tl
-    mode = interpreting()
-    if mode not in _BUILT:
-        triton, tl = import_triton()
-        _BUILT[mode] = {"gemv": triton.jit(_gemv_fn)}
-    return _BUILT[mode]
+    return built_kernels(globals(), _BUILT, lambda: {"gemv": triton.jit(_gemv_fn)})
 
 
 # A plain function, jit-wrapped by _kernels(); `tl` is this module's global, set before it is compiled.
@@ -196,10 +191,10 @@ class GemvConfig(NamedTuple):
 # Decode GEMV candidates. Each is checked against the reference once per device and dtype (gemv_configs), then the
 # fastest good one is picked per shape with triton.testing.do_bench (its L2 flush makes the weights come from HBM,
 # as in a real decode). Tuned here rather than by triton.autotune: the autotuner's per-call key building costs
-# ~10 us of Python on every launch, which a one-token decode cannot hide. The first twelve were measured on an H200
-# (session 4): 4096x14336 ran at 1.22 TB/s of packed weights and 8192x28672 at 2.26 TB/s; the smaller layer has few
-# programs per SM (224 of 16 rows for 132 SMs), too few loads in flight. Hence the later ones (not yet run on a
-# GPU): 4 or 8 rows per program (896 or 448 programs there) with a small quant_block (48-64 registers; a 4096 one:
+# ~10 us of Python on every launch, which a one-token decode cannot hide. On an H200, with the first twelve,
+# 4096x14336 ran at 1.22 TB/s of packed weights and 8192x28672 at 2.26 TB/s; the smaller layer has few
+# programs per SM (224 of 16 rows for 132 SMs), too few loads in flight. Hence the others (not measured on a
+# GPU yet): 4 or 8 rows per program (896 or 448 programs there) with a small quant_block (48-64 registers; a 4096 one:
 # 96-164), and the one-step-ahead weight loads.
 GEMV_CONFIGS = [GemvConfig(16, 256, 4, 2), GemvConfig(16, 512, 4, 2), GemvConfig(32, 256, 4, 2),
                 GemvConfig(32, 512, 8, 2), GemvConfig(8, 512, 2, 2), GemvConfig(8, 1024, 4, 2),

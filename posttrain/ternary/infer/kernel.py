@@ -7,7 +7,7 @@ with one shift and one mask per plane, into four int8 tiles that are ordinary (K
 dot, each against the same activation tile; loads are contiguous along K (coalesced, 16-byte vectors); and the
 checkpoint buffer is the kernel's input (no second copy, nothing to convert at load). A layout packed along K would
 need an interleave of the activations or a byte shuffle per tile to reach the same int8 tiles.
-For a fused group of layers that share an input (q/k/v, gate/up; see inference.py) the members' packed tensors are
+For a fused group of layers that share an input (q/k/v, gate/up; see linear.py) the members' packed tensors are
 concatenated along dim 0 (still each in its own layout; the members then view the concatenation, so no memory is
 duplicated) and a per-packed-row column map (col_base, col_step) says where plane i of packed row g lands:
 column col_base[g] + i * col_step[g].
@@ -44,7 +44,14 @@ from __future__ import annotations
 import torch
 
 from posttrain.ternary.infer import gemv
-from posttrain.ternary.infer.triton_setup import cdiv, import_triton, interpreting, next_power_of_2, triton_available  # noqa: F401
+from posttrain.ternary.infer.triton_setup import (  # noqa: F401 (import_triton, triton_available: re-exported)
+    built_kernels,
+    cdiv,
+    import_triton,
+    interpreting,
+    next_power_of_2,
+    triton_available,
+)
 from posttrain.ternary.quant import ternary_linear_reference  # noqa: F401 (the semantics; re-exported)
 
 triton = None  # set with tl by _kernels() on first use (see triton_setup.py)
@@ -58,12 +65,7 @@ _BUILT: dict[bool, dict] = {}
 
 def _kernels() -> dict:
     """The jit'd kernels, built on first use for the current TRITON_INTERPRET mode (and cached per mode)."""
-    global triton, tl
-    mode = interpreting()
-    if mode not in _BUILT:
-        triton, tl = import_triton()
-        _BUILT[mode] = _build()
-    return _BUILT[mode]
+    return built_kernels(globals(), _BUILT, _build)
 
 
 def _build() -> dict:

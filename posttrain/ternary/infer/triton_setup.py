@@ -37,3 +37,13 @@ def next_power_of_2(n: int) -> int:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def built_kernels(namespace: dict, cache: dict, build) -> dict:
+    """The kernels build() makes, once per TRITON_INTERPRET mode. `triton` and `tl` are set in the kernel module's
+    namespace first: its kernel functions read `tl` as a global when they are compiled or interpreted."""
+    mode = interpreting()
+    if mode not in cache:
+        namespace["triton"], namespace["tl"] = import_triton()
+        cache[mode] = build()
+    return cache[mode]

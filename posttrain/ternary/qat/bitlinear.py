@@ -16,7 +16,7 @@ lam <= 0 is a plain dense linear.
 lam (`quant_lambda`) is a plain float attribute, deliberately not in the state_dict: it is a function of the
 optimizer step, `lambda_at(step, warmup_steps, schedule)`, so it is recomputed rather than saved, and a
 resumed run gets the right value from its restored global step. A trainer sets it every step with
-`TernaryLambdaCallback` (callback.py; on_step_begin: set_quant_lambda(model, lambda_at(state.global_step, ...))),
+`TernaryLambdaCallback` (qat/warmup.py; on_step_begin: set_quant_lambda(model, lambda_at(state.global_step, ...))),
 a plain loop calls `set_quant_lambda(model, lambda_at(step, ...))` before each forward. Under torch.compile each new
 lam value during warm-up recompiles (dynamo specializes floats); after warm-up lam stays 1.
 """
