@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from posttrain.config.schema import AdapterConfig, ModelConfig
 from posttrain.errors import PosttrainError
+from posttrain.files import atomic_dir, check_output_folder, write_json_atomic
 
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -48,12 +50,40 @@ def resolve_path(name_or_path: str, allow_pickle: bool = False) -> str:
                 "them to safetensors, or set model.allow_pickle: true if you trust the source"
             )
         return str(path)
-    first = name_or_path.split("/", 1)[0]
-    local_looking = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-    if local_looking or ("/" in name_or_path and Path(first).is_dir()):  # runs/tiny-sft: under a local folder
-        raise PosttrainError(f"model path {name_or_path!r} does not exist (checked {path.resolve()}); "
-                             "if it is a run's output, run that config first")
+    made_by = _bundled_output_dirs().get(os.path.normpath(name_or_path))
+    if made_by or _looks_local(name_or_path):
+        hint = f"run `posttrain run {made_by}` first" if made_by else "if it is a run's output, run that config first"
+        raise PosttrainError(f"model path {name_or_path!r} does not exist (checked {path.resolve()}); {hint}")
     return name_or_path  # a hub name: transformers resolves it (network or HF cache)
+
+
+def _looks_local(name: str) -> bool:
+    """A name that cannot be a hub repo id (`owner/name`): it fails at once instead of costing a minute of
+    hub retries offline. `runs/x` is local when a folder `runs` exists here; `Qwen/Qwen2.5-0.5B` without a
+    folder `Qwen` stays a hub name."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_output_dirs() -> dict[str, str]:
+    """{output_dir: bundled run config that writes it}, e.g. {"runs/tiny-sft": "tiny/sft"}: a missing model
+    path that a bundled config makes is a run not made yet, even before its first folder exists."""
+    import yaml
+
+    from posttrain.config.bundled import bundled_configs, configs_dir
+
+    found = {}
+    for name in bundled_configs(runnable=True):
+        try:
+            tree = yaml.safe_load((configs_dir() / name).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):  # a damaged install: the config itself reports it when it is run
+            continue
+        out = tree.get("output_dir") if isinstance(tree, dict) and tree.get("recipe") != "pipeline" else None
+        if isinstance(out, str) and out:
+            found.setdefault(os.path.normpath(out), name.removesuffix(".yaml"))
+    return found
 
 
 def _damaged(folder: str, what: str, err: Exception) -> PosttrainError:
@@ -252,25 +282,80 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def adapter_base(adapter_dir: str | Path) -> str:
+    """The adapter's base_model_name_or_path, with a relative local path found from any current folder.
+
+    peft records the base as it was given at training time, often relative to the folder training ran in
+    (`runs/demo/base`), which is unknown later. Where that path is no model folder from the current folder, it
+    is looked up relative to the adapter folder and then each folder above it (`/proj/runs/demo/lora` trained
+    in `/proj` finds `/proj/runs/demo/base`), and the nearest model folder is returned as an absolute path.
+    The current folder comes first because the path was written relative to the folder a run started in, and
+    runs are usually started from the same project folder. A hub name matches no folder and comes back
+    unchanged; a local-looking path found nowhere is an error naming the adapter.
+    """
     try:
         config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise _damaged(str(adapter_dir), "adapter_config.json", err) from None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not base:
+    if not base or not isinstance(base, str):
         raise PosttrainError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; add it")
+    path = Path(base).expanduser()
+    if base.startswith("tiny:") or path.is_absolute() or _is_model_folder(path):
+        return base
+    found = next((c for c in _around(Path(adapter_dir).resolve(), path) if _is_model_folder(c)), None)
+    if found is not None:
+        return str(found)
+    if path.exists():
+        return base  # something else is there: resolve_path says what is wrong with it
+    try:
+        resolve_path(base)  # a hub name passes; a local-looking path fails
+    except PosttrainError:
+        raise PosttrainError(
+            f"{adapter_dir}: its base model {base!r} (adapter_config.json's base_model_name_or_path) is not found "
+            "from the current folder nor from the adapter's folder or any folder above it; set it to the base "
+            "model's absolute path"
+        ) from None
     return base
+
+
+def _around(adapter_dir: Path, relative: Path):
+    return (folder / relative for folder in (adapter_dir, *adapter_dir.parents))
+
+
+def _is_model_folder(path: Path) -> bool:
+    # Model folders only: a same-named folder of something else (data called `base`) nearer the adapter must
+    # not shadow the real base further up.
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def absolute_adapter_base(folder: str | Path) -> None:
+    """Rewrite a just-saved adapter's base_model_name_or_path as an absolute path when it names a local folder.
+
+    The adapter then loads from any current folder. Call it right after saving, from the folder the run
+    started in (a relative base is relative to that); hub names, `tiny:` names, absolute paths and folders
+    without adapter_config.json are left as they are. Write from the main process only.
+    """
+    file = Path(folder) / "adapter_config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no adapter here (a full model), or damaged: loading it reports that
+        return
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or base.startswith("tiny:"):
+        return
+    path = Path(base).expanduser()
+    if path.is_absolute() or not path.is_dir():
+        return
+    config["base_model_name_or_path"] = str(path.resolve())
+    write_json_atomic(file, config)
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
                   allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """LoRA adapter + its base -> one full model folder (written atomically). A QLoRA adapter is merged
     into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them)."""
-    from posttrain.files import atomic_dir
-
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise PosttrainError(f"--out {out_dir} exists and is not empty; choose a new folder or pass --overwrite")
+    check_output_folder(out_dir, "--out", overwrite)
     if not adapter_dir.is_dir():
         raise PosttrainError(f"adapter folder {adapter_dir} does not exist")
     if not is_adapter_dir(adapter_dir):

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import PrinterCallback
+
 from posttrain import log
 from posttrain.config.schema import Config
 from posttrain.engine.checkpoints import guarded, train
@@ -26,7 +28,8 @@ from posttrain.engine.model_card import model_card
 from posttrain.engine.plan import sft_inputs
 from posttrain.engine.run_dir import finish_run, prepare_run_dir
 from posttrain.engine.trainer_args import LossHistory, run_metrics, trainer_args
-from posttrain.models import load_tokenizer, lora_config, resolve_path
+from posttrain.files import check_writable
+from posttrain.models import absolute_adapter_base, load_tokenizer, lora_config, resolve_path
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Recipe:
     def save(self, trainer, run: Run, setup: Setup, folder: Path, metrics: dict) -> None:
         """Write the final model into folder. Runs on every process; only the main one writes."""
         trainer.save_model(str(folder))  # model or adapter, and the tokenizer with its chat template
+        if trainer.args.should_save:  # an adapter names its base by an absolute path: it loads from any folder
+            absolute_adapter_base(folder)
 
     def title(self, cfg: Config) -> str:
         raise NotImplementedError
@@ -109,7 +114,7 @@ def sft_setup(run: Run, model, callbacks=()) -> Setup:
 
 def build_trainer(recipe: Recipe, run: Run, setup: Setup, history: LossHistory):
     cfg = run.cfg
-    return guarded(recipe.trainer_class)(
+    trainer = guarded(recipe.trainer_class)(
         model=setup.model,
         args=trainer_args(cfg, recipe.args_class, run.folder, setup.eval_dataset is not None, setup.plan,
                           **setup.args),
@@ -121,10 +126,16 @@ def build_trainer(recipe: Recipe, run: Run, setup: Setup, history: LossHistory):
         callbacks=[history, *setup.callbacks],
         **setup.trainer_kwargs,
     )
+    if log.quiet():  # without a progress bar the Trainer prints every log line instead
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
     """Run one recipe on one config; returns the metrics that are also written to output_dir/metrics.json."""
+    # 0. An output_dir that can never be written fails now, not after the data has been loaded.
+    check_writable(cfg.output_dir, "output_dir")
+
     # 1. Tokenizer and data, once for the whole launch.
     model_path = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, model_path)
@@ -140,8 +151,8 @@ def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
     trainer = build_trainer(recipe, run, setup, history)
     extra = recipe.after_build(trainer, run, setup)
 
-    # 5. Train (resuming from the latest complete checkpoint when asked), then evaluate.
-    train_output = train(trainer, resume)
+    # 5. Train (continuing from the latest complete checkpoint when the run folder kept one), then evaluate.
+    train_output = train(trainer)
     final_eval = trainer.evaluate() if setup.eval_dataset is not None else {}
 
     # 6. Outputs: the model on every process, then the card and metrics.json last.

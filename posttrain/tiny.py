@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
+from posttrain.files import atomic_dir, check_output_folder
 
 TINY_VERSION = 2
 ARCHS = ("llama", "qwen2")
@@ -180,21 +179,15 @@ def build_model(tokenizer, arch: str = "llama", hidden_size: int = 64, num_layer
     return model
 
 
-def build_tiny(out_dir: str | Path, arch: str = "llama") -> Path:
-    """Write a tiny model + tokenizer (with chat template) to out_dir, atomically."""
-    out_dir = Path(out_dir)
+def build_tiny(out_dir: str | Path, arch: str = "llama", overwrite: bool = False) -> Path:
+    """Write a tiny model + tokenizer (with chat template) to out_dir, atomically. A non-empty out_dir is
+    refused unless overwrite (it may hold anything: a finished run, the user's files), before any work."""
+    out_dir = check_output_folder(out_dir, "out_dir", overwrite)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, arch)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -203,5 +196,5 @@ def resolve_tiny_model(spec: str) -> Path:
     arch = spec.split(":", 1)[1] or "llama"
     target = cache_dir() / f"tiny-{arch}-v{TINY_VERSION}"
     if not (target / "config.json").is_file():
-        build_tiny(target, arch)
+        build_tiny(target, arch, overwrite=True)  # posttrain's own cache folder: a half-built one is replaced
     return target

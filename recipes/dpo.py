@@ -8,7 +8,7 @@ first). The reference model is the starting model unless dpo.ref_model names ano
 - otherwise a LoRA/QLoRA policy uses its base with the adapter disabled (no second copy) and full
   fine-tuning keeps a frozen copy (TRL's behaviour).
 Batches are padding-free by default (train.packing): each batch's chosen and rejected sequences are packed into
-rows whose sequences never attend to each other, and TRL's loss runs unchanged on the result (dpo_trainer.py).
+rows whose sequences never attend to each other, and TRL's loss runs unchanged on the result (integrations/trl_dpo.py).
 Metrics use TRL's definitions (rewards/chosen = beta * sum over completion tokens of log pi - log pi_ref).
 """
 
@@ -18,7 +18,7 @@ import dataclasses
 
 from trl import DPOConfig
 
-from posttrain.data.examples import preference_examples
+from posttrain.data.examples import dropped_note, preference_examples
 from posttrain.data.packing import PaddingFreePreferenceCollator, prepare_model
 from posttrain.engine.compile import compile_decoder_layers
 from posttrain.engine.plan import fastest_attention, plan_dpo
@@ -41,7 +41,8 @@ class DPO(Recipe):
         model_cfg = fastest_attention(cfg.model)  # flash-attn when installed, else sdpa (engine/plan.py)
         ref_name = cfg.dpo.ref_model or cfg.model.name_or_path
         ref_path = resolve_path(ref_name, cfg.model.allow_pickle)
-        lookup = look_up_reference(cfg, model_cfg, ref_name, ref_path, run.data.train, run.data.eval)
+        lookup = look_up_reference(cfg, model_cfg, ref_name, ref_path, run.data.train, run.data.eval,
+                                   dropped_note(run.data.counts))
         all_cached = cfg.dpo.precompute_ref and lookup.all_cached
 
         # Policy, and a reference model only when one must run and differs from the starting model.

@@ -88,8 +88,8 @@ def test_cli_bad_data_file_names_the_line(tmp_path):
     data.write_text('{"text": "fine"}\n{"text": oops}\n')
     result = cli("run", "configs/tiny/sft.yaml", f"data.train={data}", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"posttrain: error: {data}:2: invalid JSON (Expecting value); " \
-        "fix or remove this line"
+    assert result.stderr.strip().splitlines()[-1] == f"posttrain: error: {data}:2: invalid JSON (Expecting value: line 1 column 10 " \
+        "(char 9)); fix or remove this line"
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 

@@ -237,7 +237,7 @@ class Config:
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used by recipe: dpo
     ternary: TernarySettings = field(default_factory=TernarySettings)  # used by recipe: ternary
     output_dir: str = ""
-    overwrite: bool = False  # replace an output_dir that holds a finished run
+    overwrite: bool = False  # start over in an output_dir that holds a run (finished, or unfinished with checkpoints)
 
     def problems(self) -> list[tuple[str, str]]:
         if not self.output_dir:

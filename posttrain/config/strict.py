@@ -55,8 +55,19 @@ class Where:
                 self.lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
                 self._walk(item, f"{prefix}[{i}]", seen)
 
+    def from_override(self, path: str) -> bool:
+        """Whether the value at `path` came from a command-line override: the overridden key itself, something
+        inside its value, or a section that only an override names (`trian.max_steps=3` creates `trian`, which
+        the file never had, so the misspelling is the command line's)."""
+        for key in self.overridden:
+            if path == key or path.startswith((key + ".", key + "[")):
+                return True
+            if key.startswith(path + ".") and path not in self.lines:
+                return True
+        return False
+
     def fail(self, path: str, message: str) -> PosttrainError:
-        if any(path == key or path.startswith(key + ".") or path.startswith(key + "[") for key in self.overridden):
+        if self.from_override(path):
             return PosttrainError(f"command-line override: {message}")
         line = self.lines.get(path)
         while line is None and "." in path:
@@ -134,6 +145,11 @@ def _convert(value: Any, tp, path: str, where: Where):
         if not isinstance(value, dict):
             raise wrong()
         return build(tp, value, where, path)
+    return _convert_scalar(value, tp, path, where, wrong)
+
+
+def _convert_scalar(value: Any, tp, path: str, where: Where, wrong):
+    """bool, int, float and str: strict (no bool where a number goes), with YAML 1.1's strings for numbers."""
     if tp is bool:
         if isinstance(value, bool):
             return value

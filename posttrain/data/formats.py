@@ -19,6 +19,11 @@ Preference rows come in the shapes public datasets use:
 
 Normalized output: {"prompt": str | [msgs], "chosen": str | [msgs], "rejected": str | [msgs]} with the prompt
 removed from chosen/rejected.
+
+Missing values follow one rule whatever the file type: a null (JSON null, a parquet/Arrow null) is an empty
+string, as an empty CSV cell is. A row whose part to learn (text, completion, an assistant answer, chosen or
+rejected) is empty or blank is dropped and counted in Rows.dropped (which goes into metrics.json), as is a chat
+row with a blank user turn; a plain-string prompt may be empty (see _empty_part).
 """
 
 from __future__ import annotations
@@ -69,7 +74,14 @@ def detect_format(row: dict, origin: str) -> str:
     )
 
 
+def _blank(value) -> bool:
+    """A missing value: null, or a string of whitespace only."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _text(value, origin: str, column: str) -> str:
+    if value is None:  # a parquet or JSON null means what an empty CSV cell means: nothing there
+        return ""
     if not isinstance(value, str):
         raise PosttrainError(f"{origin}: column {column!r} must be a string, got {kind_of(value)}")
     return value
@@ -104,7 +116,7 @@ def normalize_row(row: dict, fmt: str, origin: str, system_prompt: str | None) -
         return {"text": _text(row["text"], origin, "text")}
     if fmt == "preference":
         return normalize_preference(row, origin)
-    if fmt == "prompt_completion" and isinstance(row["prompt"], str):
+    if fmt == "prompt_completion" and (row["prompt"] is None or isinstance(row["prompt"], str)):
         return {"prompt": _text(row["prompt"], origin, "prompt"), "completion": _text(row["completion"], origin,
                                                                                           "completion")}
     if fmt == "prompt_completion":
@@ -112,8 +124,8 @@ def normalize_row(row: dict, fmt: str, origin: str, system_prompt: str | None) -
         messages, train_from = prompt + parse_messages(row["completion"], origin, "completion"), len(prompt)
     elif fmt == "alpaca":
         instruction = _text(row["instruction"], origin, "instruction")
-        extra = _text(row.get("input") or "", origin, "input")
-        user = f"{instruction}\n\n{extra}" if extra else instruction
+        extra = _text(row.get("input"), origin, "input")
+        user = "\n\n".join(part for part in (instruction, extra) if part.strip())  # either may be left empty
         messages, train_from = [{"role": "user", "content": user},
                                 {"role": "assistant", "content": _text(row["output"], origin, "output")}], 0
     elif fmt == "sharegpt":
@@ -137,12 +149,50 @@ def normalize(rows: list[dict], origins: list[str], cfg: DataConfig, label: str)
     reverse = {theirs: ours for ours, theirs in cfg.columns.items()}
     rows = [{reverse.get(k, k): v for k, v in row.items()} for row in rows]
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], origins[0])
-    out = Rows([normalize_row(r, fmt, o, cfg.system_prompt) for r, o in zip(rows, origins)], origins, fmt)
+    out, first_dropped = Rows([], [], fmt), None
+    for row, origin in zip(rows, origins):
+        normalized = normalize_row(row, fmt, origin, cfg.system_prompt)
+        reason = _empty_part(normalized)
+        if reason:
+            out.dropped[reason] = out.dropped.get(reason, 0) + 1
+            first_dropped = first_dropped or origin
+            continue
+        out.rows.append(normalized)
+        out.origins.append(origin)
     if fmt == "preference":
         drop_identical(out)
     if not out.rows:
-        raise PosttrainError(f"data.{label}: no rows left after filtering ({out.dropped}); check the data")
+        first = f"; the first: {first_dropped}" if first_dropped else ""
+        raise PosttrainError(f"data.{label}: no rows left after filtering ({out.dropped}{first}); check the data")
     return out
+
+
+def _empty_turn(messages: list[dict], trained_from: int) -> str | None:
+    """'empty_answer' for a blank assistant turn that carries the loss, 'empty_prompt' for a blank user turn (or
+    a blank assistant turn of the prompt's history). System and tool messages may be empty: an empty system
+    prompt or an empty tool result is still a well-formed conversation."""
+    for i, message in enumerate(messages):
+        if message["role"] in ("user", "assistant") and _blank(message["content"]):
+            return "empty_answer" if message["role"] == "assistant" and i >= trained_from else "empty_prompt"
+    return None
+
+
+def _empty_part(row: dict) -> str | None:
+    """Why a normalized row is dropped, or None to keep it. An empty text, completion, answer, chosen or rejected
+    would train the model to stop at once (or, in DPO, to prefer silence), so the row is dropped. A plain-string
+    prompt may be empty: the completion (or the preferred continuation) is then learned unconditionally, as a
+    text row is, and TRL tokenizes it the same way. A chat's user turn may not: a reply to nothing is no
+    conversation to learn from."""
+    if "text" in row:
+        return "empty_text" if _blank(row["text"]) else None
+    if "completion" in row:
+        return "empty_completion" if _blank(row["completion"]) else None
+    if "messages" in row:
+        return _empty_turn(row["messages"], row["train_from"])
+    for side in (row["chosen"], row["rejected"]):
+        if _empty_turn(side, 0) if isinstance(side, list) else _blank(side):
+            return "empty_chosen_rejected"
+    return _empty_turn(row["prompt"], len(row["prompt"])) if isinstance(row["prompt"], list) else None
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Rows, Rows | None]:
@@ -192,11 +242,13 @@ def normalize_preference(row: dict, origin: str) -> dict:
     missing = [c for c in ("chosen", "rejected") if c not in row]
     if missing:
         raise PosttrainError(f"{origin}: missing column(s) {missing} for preference data; found {sorted(row)[:50]}")
+    prompt = "" if "prompt" in row and row["prompt"] is None else row.get("prompt")  # a null prompt is empty
+    if _blank(row["chosen"]) or _blank(row["rejected"]):  # dropped by normalize; its shape no longer matters
+        return {"prompt": "", "chosen": "", "rejected": ""}
     chosen = _as_messages(row["chosen"], origin, "chosen")
     rejected = _as_messages(row["rejected"], origin, "rejected")
     if (chosen is None) != (rejected is None):
         raise PosttrainError(f"{origin}: chosen and rejected must both be strings or both be message lists")
-    prompt = row.get("prompt")
     if chosen is None:  # plain strings
         if not isinstance(prompt, str):
             raise PosttrainError(

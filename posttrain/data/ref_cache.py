@@ -24,6 +24,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from posttrain.files import default_mode
 from posttrain.tiny import cache_dir
 
 CACHE_FORMAT = 1
@@ -116,5 +117,6 @@ def save(key: str, chosen, rejected) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"ref_chosen_logps": torch.as_tensor(chosen, dtype=torch.float32).contiguous(),
                "ref_rejected_logps": torch.as_tensor(rejected, dtype=torch.float32).contiguous()}, str(tmp))
+    tmp.chmod(default_mode())  # safetensors writes 0600 (see posttrain/files.py)
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
     return path

@@ -68,13 +68,17 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[str]]:
         _check_text(path, handle.read(4096))
         handle.seek(0)
         for number, raw in enumerate(handle, start=1):
-            line = _decode(path, raw, number).strip()
+            text = _decode(path, raw, number)
+            line = text.strip()
             if not line:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PosttrainError(f"{path}:{number}: invalid JSON ({err.msg}); fix or remove this line") from None
+            except json.JSONDecodeError as err:  # json's whole message, its column counted in the file's line
+                lead = len(text) - len(text.lstrip())
+                where = f"line {err.lineno} column {err.colno + lead} (char {err.pos + lead})"
+                raise PosttrainError(f"{path}:{number}: invalid JSON ({err.msg}: {where}); fix or remove this "
+                                     "line") from None
             except (ValueError, RecursionError) as err:  # a number of over 4300 digits; nesting too deep
                 why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
                 raise PosttrainError(f"{path}:{number}: unreadable JSON ({why}); fix or remove this line") from None
@@ -97,7 +101,7 @@ def _read_json(path: Path) -> tuple[list[dict], list[str]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise PosttrainError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        raise PosttrainError(f"{path}:{err.lineno}: invalid JSON ({err})") from None
     except (ValueError, RecursionError) as err:  # a number of over 4300 digits; nesting too deep
         why = "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
         raise PosttrainError(f"{path}: unreadable JSON ({why})") from None

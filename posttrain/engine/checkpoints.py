@@ -37,9 +37,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from posttrain import log
 from posttrain.errors import PosttrainError
 from posttrain.integrations.accelerate_state import unmark_evaluation_prepare
 from posttrain.integrations.transformers_trainer import TrainerInternals
+from posttrain.integrations.transformers_warnings import no_is_gradient_checkpointing_warning
+from posttrain.integrations.trl_metrics import replace_logged_metric
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STAGING = ".saving"  # inside the checkpoints folder; never matched by CHECKPOINT, so never resumed from
@@ -86,8 +89,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
-        print(f"posttrain: {self.signal_name} received: saving a checkpoint after this step, then stopping "
-              "(send it again to abort without saving)", flush=True)
+        log.warning(f"{self.signal_name} received: saving a checkpoint after this step, then stopping "
+            "(send it again to abort without saving)")
         for number, handler in self._previous.items():  # the second signal takes the default path
             signal.signal(number, handler)
 
@@ -118,19 +121,39 @@ class _StopAtStepEnd(TrainerCallback):
         return control
 
 
+class _LogLastStep(TrainerCallback):
+    """Logs the step where training ends. The Trainer logs every logging_steps only, so a run whose last step
+    falls between two would report an earlier step's loss as its last (and lose the steps after it)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 class GuardedTrainerMixin(TrainerInternals):
     """Mixed in before a transformers/TRL trainer class: atomic saves, disk check, finite-loss and stop guards."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        with no_is_gradient_checkpointing_warning():  # peft reads the deprecated name while wrapping LoRA
+            super().__init__(*args, **kwargs)
         self.stop_request = StopRequest()
         self.stop_agreed = False
         self._staging_root: str | None = None
         self.add_callback(_StopAtStepEnd(self))
+        self.add_callback(_LogLastStep())  # after _StopAtStepEnd: a stop it requests is logged too
+
+    def log(self, logs, start_time=None):
+        # One token count everywhere: TRL's num_tokens counts what it sees of the batch (one packed row's length
+        # per micro-batch without an attention_mask) and restarts at 0 on resume; the Trainer's count is counted
+        # after every forward (count_input_tokens) and restored from the checkpoint.
+        replace_logged_metric(self, "num_tokens", self.state.num_input_tokens_seen)
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
+        with no_is_gradient_checkpointing_warning():  # TRL's reference forward reads the deprecated name
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
         if self.model.training:  # after the forward, not the backward: see the module docstring
             self.count_input_tokens(inputs)
             self._check_loss(result[0] if return_outputs else result)
@@ -190,13 +213,14 @@ def guarded(trainer_class):
     return type(f"Guarded{trainer_class.__name__}", (GuardedTrainerMixin, trainer_class), {})
 
 
-def train(trainer, resume: bool):
-    """trainer.train(), resuming from the latest complete checkpoint when asked; raises RunInterrupted when a
-    signal stopped it (its checkpoint saved), so that the run is not finished as if complete."""
-    checkpoint = latest_checkpoint(trainer.args.output_dir) if resume else None
-    if resume:
-        print(f"posttrain: resuming from {checkpoint}" if checkpoint else
-              "posttrain: --resume: no complete checkpoint yet, starting from the beginning")
+def train(trainer):
+    """trainer.train(), continuing from the latest complete checkpoint in the run folder; raises RunInterrupted
+    when a signal stopped it (its checkpoint saved), so that the run is not finished as if complete.
+
+    The run folder decides: prepare_run_dir (engine/run_dir.py) keeps an unfinished run's
+    checkpoints only when this run continues it (--resume, or a rerun with the same settings), says so, and
+    otherwise starts from an empty folder."""
+    checkpoint = latest_checkpoint(trainer.args.output_dir)
     unmark_evaluation_prepare(trainer)
     with trainer.stop_request:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -55,9 +55,10 @@ class ReferenceLookup:
 
 
 def look_up_reference(cfg, model_cfg, ref_name: str, ref_resolved: str, train_pairs: list[dict],
-                      eval_pairs: list[dict] | None) -> ReferenceLookup:
+                      eval_pairs: list[dict] | None, dropped: str = "") -> ReferenceLookup:
     """Attach cached reference log-probs; the key holds the reference weights, the tokenized pairs and the precision
-    (dtype, attention, and whether the base is 4-bit: a QLoRA base scores differently from the same weights)."""
+    (dtype, attention, and whether the base is 4-bit: a QLoRA base scores differently from the same weights).
+    dropped: what the data layer dropped, said beside the number of pairs (data/examples.py, dropped_note)."""
     reference = reference_fingerprint(ref_name, ref_resolved, cfg.model.revision)
     quantized = cfg.adapter.quant_type if cfg.adapter and cfg.adapter.method == "qlora" else "full"
     dtype = f"{torch_dtype(cfg.model.dtype)}|{model_cfg.attn_implementation}|{quantized}"
@@ -68,7 +69,7 @@ def look_up_reference(cfg, model_cfg, ref_name: str, ref_resolved: str, train_pa
             if not hit:
                 missing[split] = key
     source = ("from cache" if not missing else "computed this run") if cfg.dpo.precompute_ref else "computed each step"
-    log.info(f"{len(train_pairs)} pairs; reference log-probs {source}")
+    log.info(f"{len(train_pairs)} pairs{dropped}; reference log-probs {source}")
     return ReferenceLookup(sets["train"], sets["eval"], missing)
 
 

@@ -1,13 +1,15 @@
 """Run folders that never look complete unless they are.
 
-Contract (DESIGN.md §3): `output_dir/` holds the model or adapter, `posttrain.yaml` (resolved config, written
-first), a model card `README.md`, and `metrics.json`, written LAST. metrics.json is the completeness marker:
-the final artifacts are written into a staging folder and moved in before it, so a crash at any point leaves
-no metrics.json and the folder reads as unfinished.
+Contract (README.md, "What a run looks like"): `output_dir/` holds the model or adapter, `posttrain.yaml` (resolved
+config, written first), a model card `README.md`, and `metrics.json`, written LAST. metrics.json is the
+completeness marker: the final artifacts are written into a staging folder and moved in before it, so a crash at
+any point leaves no metrics.json and the folder reads as unfinished.
 
 An output_dir holding a finished run is refused unless `overwrite: true`; one holding an unfinished run of
-posttrain's is reused; a non-empty folder that posttrain did not write is never touched, nor one that holds
-the run's own model or data. A replaced run is moved aside to `.NAME.replaced` and deleted only once the new
+posttrain's is continued from its latest complete checkpoint when it was started with the same model, data and
+objective (SAME_RUN_SECTIONS), as with `--resume`, and replaced otherwise or with `overwrite: true`; a non-empty
+folder that posttrain did not write is never touched, nor one that holds the run's own model or data. Which way a
+run goes is said in one line. A replaced run is moved aside to `.NAME.replaced` and deleted only once the new
 run has finished, so a failed overwrite (a typo in the data path, a crash) loses nothing.
 """
 
@@ -18,10 +20,11 @@ import os
 import shutil
 from pathlib import Path
 
+from posttrain import log
 from posttrain.config.schema import Config, dump_yaml
 from posttrain.engine.distributed import process_state as _process  # only the main process writes files
 from posttrain.errors import PosttrainError
-from posttrain.files import write_json_atomic, write_text_atomic
+from posttrain.files import give_default_modes, write_json_atomic, write_text_atomic
 
 CONFIG_FILE, METRICS_FILE, CARD_FILE = "posttrain.yaml", "metrics.json", "README.md"
 
@@ -31,14 +34,17 @@ def is_complete(run_dir: str | Path) -> bool:
 
 
 def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
-    """The run folder, ready for this run. With resume, an unfinished run of the same model, data and
-    objective is continued in place (its checkpoints kept); without one, resume starts a fresh run."""
+    """The run folder, ready for this run. An unfinished run of the same model, data and objective is continued
+    in place (its checkpoints kept) with resume, and without it unless overwrite is set; otherwise the folder
+    starts empty, so any checkpoint in it afterwards is one this run continues (engine/checkpoints.py train)."""
     out = Path(cfg.output_dir).expanduser()
     process = _process()
-    resuming = resume and _check_resumable(cfg, out)
+    if resume:
+        _check_resumable(cfg, out)  # --resume's own refusals come before the generic ones
     _check_run_dir(cfg, out)  # every process checks (read-only), so all fail alike instead of hanging
+    continuing = _continues(cfg, out, resume)  # decided before anything moves, on every process alike
     process.wait_for_everyone()
-    if process.is_main_process and resuming:
+    if process.is_main_process and continuing:
         write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))
     elif process.is_main_process:
         if out.is_dir() and _replaced(out).exists():
@@ -53,26 +59,69 @@ def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
 
 # What a resumed run must share with the run it continues; train.* may change (e.g. a larger max_steps).
 SAME_RUN_SECTIONS = ("recipe", "model", "data", "adapter", "dpo", "ternary")
+CHECKPOINTS = "checkpoints"  # the Trainer's output_dir inside the run folder (engine/trainer_args.py)
 
 
-def _check_resumable(cfg: Config, out: Path) -> bool:
-    """True when out holds an unfinished run that this config may continue."""
+def _saved_config(out: Path) -> dict | None:
+    """The resolved config of the unfinished posttrain run in out, or None when out holds none."""
     import yaml
 
-    if is_complete(out):
-        raise PosttrainError(f"--resume: {out} already holds a finished run (metrics.json); nothing to resume")
-    if not (out / CONFIG_FILE).is_file():
-        return False
-    saved = yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    if is_complete(out) or not (out / CONFIG_FILE).is_file():
+        return None
+    return yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+
+
+def _differences(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
+    """(SAME_RUN_SECTIONS that differ, train settings that differ) between a saved config and this one."""
+    import yaml
+
     current = yaml.safe_load(dump_yaml(cfg))
     differ = [k for k in SAME_RUN_SECTIONS if saved.get(k) != current.get(k)]
+    train = saved.get("train") or {}
+    return differ, sorted(k for k in current.get("train", {}) if train.get(k) != current["train"][k])
+
+
+def _check_resumable(cfg: Config, out: Path) -> None:
+    """--resume refuses a finished run and an unfinished one of another model, data or objective."""
+    if is_complete(out):
+        raise PosttrainError(f"--resume: {out} already holds a finished run (metrics.json); nothing to resume")
+    saved = _saved_config(out)
+    differ = _differences(saved, cfg)[0] if saved is not None else []
     if differ:
         raise PosttrainError(f"--resume: the run in {out} was started with different {', '.join(differ)} "
                              f"settings (see {out / CONFIG_FILE}); resume with the same config or choose another "
                              "output_dir")
-    changed = sorted(k for k in current.get("train", {}) if saved.get("train", {}).get(k) != current["train"][k])
-    if changed:
-        print(f"posttrain: --resume with changed train settings: {', '.join(changed)}")
+
+
+def _continues(cfg: Config, out: Path, resume: bool) -> bool:
+    """Whether this run continues the unfinished run in out from its latest complete checkpoint; says which way
+    it goes in one line whenever out already holds a run (a new folder needs no word)."""
+    from posttrain.engine.checkpoints import latest_checkpoint  # torch: only once a run is being prepared
+
+    saved = _saved_config(out)
+    if saved is None:
+        if resume:
+            log.info(f"--resume: no unfinished run in {out}; starting from the beginning")
+        elif cfg.overwrite and is_complete(out):
+            log.info(f"overwrite=true: starting over; the finished run in {out} is replaced when this one finishes")
+        return False
+    checkpoint = latest_checkpoint(out / CHECKPOINTS)
+    differ, changed = _differences(saved, cfg)
+    discarded = f"; its checkpoints (latest {checkpoint.name}) are discarded" if checkpoint else ""
+    if cfg.overwrite and not resume:
+        log.info(f"overwrite=true: starting over; the unfinished run in {out} is replaced{discarded}")
+        return False
+    if differ:  # only without --resume, which refuses a different run
+        log.warning(f"starting over: the unfinished run in {out} used different {', '.join(differ)} settings "
+                    f"(see {out / CONFIG_FILE}){discarded}")
+        return False
+    if checkpoint is None:
+        log.info(f"{'--resume: ' if resume else ''}the unfinished run in {out} has no complete checkpoint yet; "
+                 "starting from the beginning")
+        return False
+    note = f" with changed train settings ({', '.join(changed)})" if changed else ""
+    hint = "" if resume else "; pass overwrite=true to start over"
+    log.info(f"resuming from {checkpoint.name} of the unfinished run in {out}{note}{hint}")
     return True
 
 
@@ -120,6 +169,7 @@ def finish_run(run_dir: Path, save_artifacts, metrics: dict, card: str) -> None:
 
 def _finish(run_dir: Path, staging: Path, metrics: dict, card: str) -> None:
     (staging / CARD_FILE).write_text(card, encoding="utf-8")
+    give_default_modes(staging)
     for item in staging.iterdir():
         destination = run_dir / item.name
         if destination.is_dir():

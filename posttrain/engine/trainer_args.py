@@ -13,6 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from posttrain import log
 from posttrain.config.schema import Config
 from posttrain.engine.model_card import versions
 from posttrain.engine.plan import fixed_plan, precision_flags
@@ -78,6 +79,7 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=No
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient: skip DDP's extra graph walk
         dataloader_drop_last=False,
+        disable_tqdm=True if log.quiet() else None,  # --quiet: no progress bar
         **precision_flags(train.precision),
         **transfer_flags(),
         **plan.trainer_kwargs(),

@@ -8,6 +8,9 @@ Definitions (docs/EVAL.md has the long form):
 - linear_bits_per_weight: the stored bits of the transformer blocks' linear layers (their weight plus any
   weight_scale tensor, read from the safetensors headers) / their logical weights. Embeddings and the LM head
   are excluded because low-bit methods keep them in high precision. Not reported for adapters.
+- load_seconds and peak_memory_bytes are measured on a second load of the model, after an untimed one and
+  after freed memory is handed back to the OS (bench_variant says why): they do not depend on the order the
+  models are listed in.
 - peak_memory_bytes: CUDA max_memory_allocated on GPU; on CPU, the process's peak RSS (VmHWM, reset before
   loading) minus the RSS before loading. Both cover loading plus the speed runs.
 - prefill_tokens_per_s = prompt_tokens / median prefill time; ttft_seconds = median time from the prompt's
@@ -17,6 +20,8 @@ Definitions (docs/EVAL.md has the long form):
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import statistics
 import time
@@ -27,7 +32,7 @@ import torch
 from posttrain.errors import PosttrainError
 from posttrain.eval.kv_cache import cache_kwargs, output_cache
 from posttrain.eval.tokenization import model_max_length
-from posttrain.eval.variants import count_parameters
+from posttrain.eval.variants import count_parameters, load_variant, pick_device
 
 _DTYPE_BITS = {
     "F64": 64,
@@ -83,6 +88,42 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def bench_variant(spec: str, name: str, device: str, dtype: str, prompt_tokens: int, new_tokens: int,
+                  repeats: int, warmup: int):
+    """Load one MODEL spec and measure it: (variant, {load_seconds, peak_memory_bytes, speed metrics}).
+
+    The model is loaded and run once untimed first, then freed. A process pays one-time costs on its first
+    load of a kind of model: imports (transformers' modeling module, peft, the BitNet integration), torch and
+    CUDA start-up, the allocator's first arenas, the first read of the files. Measured directly, they land on
+    whichever model is listed first (seconds and hundreds of MB against a tiny model's milliseconds and KB),
+    so each model's figures would depend on the argument order. The throwaway load pays whatever this model
+    needs, whatever ran before it, so the measured load is the model's own cost. A fresh process per model
+    would instead charge the imports to every model, a constant that swamps small models' differences.
+    """
+    dev = pick_device(device)
+    throwaway = load_variant(spec, device, dtype, name=name)
+    speed_metrics(throwaway.model, len(throwaway.tokenizer), prompt_tokens, new_tokens, repeats=1, warmup=0)
+    del throwaway
+    release_memory(dev)
+    with PeakMemory(dev) as peak:
+        variant = load_variant(spec, device, dtype, name=name)
+        speed = speed_metrics(variant.model, len(variant.tokenizer), prompt_tokens, new_tokens, repeats, warmup)
+    return variant, {"load_seconds": variant.load_seconds, "peak_memory_bytes": peak.peak_bytes(), **speed}
+
+
+def release_memory(device: torch.device) -> None:
+    """Free the models no longer referenced and hand their memory back, so the next peak starts from it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    try:
+        # glibc keeps freed heap pages mapped: a load reusing them raises no RSS, so its peak would read too low.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): the RSS peak is then a lower bound
 
 
 class PeakMemory:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from posttrain.errors import PosttrainError
 from posttrain.eval import metric_catalog as cat
-from posttrain.eval.bench import PeakMemory, size_metrics, speed_metrics
+from posttrain.eval.bench import bench_variant, size_metrics
 from posttrain.eval.drift import drift_metrics
 from posttrain.eval.generation import build_prompts, generate_greedy, generation_metrics, generation_rows
 from posttrain.eval.multiple_choice import questions_from_rows, score_choices
@@ -38,7 +38,10 @@ def run_eval(models: list[str], suite: str | Path | dict, out_dir: str | Path) -
     _check_out_dir(out_dir)
     suite = load_suite(suite)
     names = variant_names(models)
-    check_model_specs(models + [s for s in (_spec(suite.preference, "reference"), _spec(suite.drift, "base")) if s])
+    check_model_specs(models, names)
+    shared = [(s, key) for s, key in ((_spec(suite.preference, "reference"), "preference.reference"),
+                                      (_spec(suite.drift, "base"), "drift.base")) if s]
+    check_model_specs([s for s, _ in shared], [key for _, key in shared])
     torch.manual_seed(suite.seed)
     run = SuiteRun(suite)
     per_variant, sources = {}, {}
@@ -75,14 +78,10 @@ def run_bench(
         raise PosttrainError("bench: prompt_tokens, new_tokens and repeats must be >= 1 and warmup >= 0")
     _check_out_dir(out_dir)
     names = variant_names(models)
-    check_model_specs(models)
+    check_model_specs(models, names)
     per_variant, sources = {}, {}
     for spec, name in tqdm(list(zip(models, names)), desc="bench", disable=len(models) < 2):
-        gc.collect()
-        with PeakMemory(pick_device(device)) as peak:
-            variant = load_variant(spec, device, dtype, name=name)
-            speed = speed_metrics(variant.model, len(variant.tokenizer), prompt_tokens, new_tokens, repeats, warmup)
-        bench = {"load_seconds": variant.load_seconds, "peak_memory_bytes": peak.peak_bytes(), **speed}
+        variant, bench = bench_variant(spec, name, device, dtype, prompt_tokens, new_tokens, repeats, warmup)
         per_variant[name] = {**_prefixed("size", size_metrics(variant)), **_prefixed("bench", bench)}
         sources[name] = _describe(variant)
         del variant

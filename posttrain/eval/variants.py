@@ -58,10 +58,25 @@ def variant_names(specs: list[str]) -> list[str]:
     return names
 
 
-def check_model_specs(specs: list[str]) -> None:
-    """Fail on a missing local path before any model is loaded (hub ids can only be checked by loading)."""
-    for spec in specs:
-        classify(split_model_spec(spec)[1])
+def check_model_specs(specs: list[str], names: list[str] | None = None) -> None:
+    """Fail before any model is loaded on whatever would stop one of them from loading later: a missing path,
+    a folder without safetensors weights, an adapter without its weights or whose base is missing or itself an
+    adapter. A mistake in the last model must not surface after the first ones took minutes. Hub ids can only
+    be checked by loading. The error names the model (`names`, else the display names)."""
+    names = names or variant_names(specs)
+    for spec, name in zip(specs, names):
+        try:
+            check_source(*classify(split_model_spec(spec)[1]))
+        except PosttrainError as err:
+            raise PosttrainError(f"model {name!r}: {err}") from None
+
+
+def check_source(kind: str, source: str) -> None:
+    """The file checks of a classified model that need no loading (see check_model_specs)."""
+    if kind == "adapter":
+        check_source(*adapter_base_source(Path(source)))
+    elif kind != "hub" and not any(Path(source).glob("*.safetensors")):
+        raise PosttrainError(f"{source} has no *.safetensors weights: posttrain loads safetensors only")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -132,23 +147,28 @@ def _weight_files(source: str, is_hub: bool) -> list[Path]:
         return []
 
 
+def adapter_base_source(adapter_dir: Path) -> tuple[str, str]:
+    """(kind, source) of an adapter's base, as classify gives it; fails if the adapter's weights are not
+    safetensors or its base is missing or itself an adapter. Where a relative base is looked for:
+    posttrain.models.adapter_base."""
+    base_ref = adapter_base(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise PosttrainError(f"{adapter_dir} has no adapter_model.safetensors: posttrain loads safetensors only")
+    kind, source = classify(base_ref)
+    if kind == "adapter":
+        raise PosttrainError(
+            f"{adapter_dir}: base_model_name_or_path {base_ref} is itself an adapter; point it at the full base model"
+        )
+    return kind, source
+
+
 def _load_adapter(adapter_dir: Path, dtype: str):
     # The adapter stays a PeftModel (not merged, unlike posttrain.models.load_model): its outputs are the
     # adapter's as trained, and its own parameters can be counted.
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base_ref = adapter_base(adapter_dir)
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        raise PosttrainError(f"{adapter_dir} has no adapter_model.safetensors: posttrain loads safetensors only")
-    base_path = Path(base_ref).expanduser()
-    if not base_path.is_absolute() and not base_path.exists() and (adapter_dir / base_path).exists():
-        base_ref = str(adapter_dir / base_path)  # a base saved next to the adapter, named relative to it
-    kind, source = classify(base_ref)
-    if kind == "adapter":
-        raise PosttrainError(
-            f"{adapter_dir}: base_model_name_or_path {base_ref} is itself an adapter; point it at the full base model"
-        )
+    kind, source = adapter_base_source(adapter_dir)
     base, base_tokenizer, files = _load_full(source, dtype, is_hub=kind == "hub")
     base_ids = {id(p) for p in base.parameters()}
     model = PeftModel.from_pretrained(base, str(adapter_dir))

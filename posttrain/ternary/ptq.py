@@ -17,6 +17,7 @@ from pathlib import Path
 
 from posttrain.config.schema import ModelConfig
 from posttrain.errors import PosttrainError
+from posttrain.files import check_output_folder
 
 FORMATS = ("hf", "fake-quant", "gguf-tq1", "gguf-tq2")
 
@@ -34,11 +35,7 @@ def quantize(model: str, out_dir: str | Path, method: str = "ternary", fmt: str 
         from posttrain.ternary.export.gguf import check_gguf_options
 
         check_gguf_options(fmt, gguf_dense)  # before loading: a bad option or no gguf package fails fast
-    out_dir = Path(out_dir)
-    if any(p.exists() and not p.is_dir() for p in (out_dir, *out_dir.parents)):
-        raise PosttrainError(f"--out {out_dir}: a file is in the way; choose a folder path")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise PosttrainError(f"--out {out_dir} is not empty; choose another folder or pass --overwrite")
+    out_dir = check_output_folder(out_dir, "--out", overwrite)
     cfg = ModelConfig(name_or_path=model, dtype=dtype, allow_pickle=allow_pickle)
     resolved = resolve_path(model, allow_pickle)
     tokenizer = load_tokenizer(cfg, resolved)
