@@ -69,19 +69,19 @@ def _check_paths(cfg, model_made_earlier: bool = False) -> None:
 
 def _check_pipeline_paths(pipeline, path) -> None:
     """Each stage checked as _check_paths checks a run config, with the overrides the pipeline gives it
-    (posttrain.pipeline._run_stage); a model an earlier stage makes is not there yet, so it is not checked."""
+    (pipeline.stage_overrides); a model an earlier stage makes is not there yet, so it is not checked."""
     from pathlib import Path
 
     from posttrain.config.schema import load_config
     from posttrain.files import check_writable
+    from posttrain.pipeline import stage_overrides
 
     root, out = Path(path).resolve().parent, check_writable(pipeline.output_dir, "output_dir")
     for stage in pipeline.stages:
         try:
             if stage.config:
-                made = [f"model.name_or_path={out / stage.model_from}"] if stage.model_from else []
-                overrides = [*stage.overrides, *made, f"output_dir={out / stage.name}", "overwrite=true"]
-                _check_paths(load_config(root / stage.config, overrides), model_made_earlier=bool(made))
+                cfg = load_config(root / stage.config, stage_overrides(stage, out))
+                _check_paths(cfg, model_made_earlier=bool(stage.model_from))
             elif stage.suite and not (root / stage.suite).is_file():
                 raise PosttrainError(f"suite {stage.suite!r} not found (checked {root / stage.suite})")
         except PosttrainError as err:

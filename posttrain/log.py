@@ -67,15 +67,27 @@ def _configure() -> None:
     _logger.setLevel(logging.ERROR if quiet() else logging.INFO)
 
 
+# What quiet sets for the libraries (and the processes --nproc launches): tqdm >= 4.66 reads TQDM_DISABLE (datasets',
+# TRL's and posttrain's own bars); transformers and datasets read their verbosity from the environment.
+_QUIET_ENVIRONMENT = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "error"}
+_before_quiet: dict[str, str | None] = {}
+
+
 def set_quiet(enabled: bool = True) -> None:
-    """Errors and the final summary only, in this process and the ones it launches."""
-    os.environ[_QUIET] = "1" if enabled else ""
+    """Errors and the final summary only, in this process and the ones it launches; set_quiet(False) undoes it."""
     _configure()
     _logger.setLevel(logging.ERROR if enabled else logging.INFO)
-    if enabled:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it: datasets', TRL's and posttrain's own bars
-        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
-        os.environ["DATASETS_VERBOSITY"] = "error"
+    if enabled and not quiet():
+        _before_quiet.update({name: os.environ.get(name) for name in _QUIET_ENVIRONMENT})
+        os.environ.update(_QUIET_ENVIRONMENT)
+    elif not enabled:
+        for name, value in _before_quiet.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _before_quiet.clear()
+    os.environ[_QUIET] = "1" if enabled else ""
 
 
 def info(message: str) -> None:
@@ -83,9 +95,11 @@ def info(message: str) -> None:
     _logger.info(message)
 
 
-def warning(message: str) -> None:
+def warning(message: str, every_rank: bool = True) -> None:
+    """every_rank=False: a warning that every process would raise alike, said once, by the main process."""
     _configure()
-    _logger.warning(message)
+    if every_rank or is_main_process():
+        _logger.warning(message)
 
 
 def progress_disabled() -> bool:

@@ -27,6 +27,7 @@ import yaml
 from posttrain import log
 from posttrain.config.strict import apply_overrides, build, read_yaml, where_in
 from posttrain.errors import PosttrainError
+from posttrain.files import check_writable
 
 
 @dataclass
@@ -88,14 +89,19 @@ def _stage_value(override: str, out: Path) -> str:
     return f"{key}={out / value}" if value and (out / value).is_dir() else override
 
 
+def stage_overrides(stage: Stage, out: Path) -> list[str]:
+    """The overrides a run stage's config gets: its own, its starting model (an earlier stage's folder), its
+    folder, and overwrite (an interrupted stage restarts from its beginning)."""
+    made = [f"model.name_or_path={out / stage.model_from}"] if stage.model_from else []
+    return [*stage.overrides, *made, f"output_dir={out / stage.name}", "overwrite=true"]
+
+
 def _run_stage(stage: Stage, folder: Path, root: Path, out: Path) -> None:
     from posttrain.config.schema import load_config
     from posttrain.registry import run_recipe
 
     if stage.config:
-        extra = [f"model.name_or_path={out / stage.model_from}"] if stage.model_from else []
-        overrides = [*stage.overrides, *extra, f"output_dir={folder}", "overwrite=true"]
-        run_recipe(load_config(root / stage.config, overrides))
+        run_recipe(load_config(root / stage.config, stage_overrides(stage, out)))
     elif stage.quantize:
         from posttrain.ternary.ptq import quantize
 
@@ -113,9 +119,7 @@ def _run_stage(stage: Stage, folder: Path, root: Path, out: Path) -> None:
 def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Run (or finish) a pipeline; returns its output folder."""
     cfg = load_pipeline(path, overrides)
-    root, out = Path(path).resolve().parent, Path(cfg.output_dir).expanduser()
-    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
-        raise PosttrainError(f"output_dir {out}: a file is in the way; choose a folder path")
+    root, out = Path(path).resolve().parent, check_writable(cfg.output_dir, "output_dir")
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump({"source": str(path), "overrides": overrides or []}))
     for stage in cfg.stages:
@@ -144,6 +148,9 @@ def run(cfg, overrides: list[str] | None = None, resume: bool = False) -> dict:
     if not isinstance(cfg, Config):
         path = resolve_config_path(cfg)
         if read_yaml(path)[0].get("recipe") == "pipeline":
+            if resume:
+                raise PosttrainError(f"{path}: --resume is for one run; rerun the pipeline without it (finished "
+                                     "stages are skipped, an interrupted one restarts from its beginning)")
             return {"pipeline": str(run_pipeline(path, overrides))}
         cfg = load_config(path, overrides)
     return run_recipe(cfg, resume=resume)

@@ -140,7 +140,8 @@ def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
     model_path = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(cfg.model, model_path)
     data = on_main_then_shared(recipe.examples, cfg, tokenizer)
-    log.info(f"data: {data.counts}")
+    once = f"; read once, on the main process, for all {log.world_size()} processes" if log.world_size() > 1 else ""
+    log.info(f"data: {data.counts}{once}")
 
     # 2. The run folder: refuses to clobber a finished run; the resolved config goes in first.
     run = Run(cfg, resume, model_path, tokenizer, data, prepare_run_dir(cfg, resume))

@@ -18,13 +18,14 @@ from trl import SFTConfig, SFTTrainer
 from posttrain import log
 from posttrain.data.examples import sft_examples
 from posttrain.data.packing import prepare_model
-from posttrain.engine.distributed import gathered_model
+from posttrain.engine.distributed import whole_model
 from posttrain.engine.plan import fastest_attention
 from posttrain.models import load_model
 from posttrain.recipe import Data, Recipe, Setup, run_recipe, sft_setup
 from posttrain.ternary.export.hf import bits_per_weight, export_bitnet, export_fake_quant
-from posttrain.ternary.qat.bitlinear import convert
+from posttrain.ternary.qat.bitlinear import convert, set_quant_lambda
 from posttrain.ternary.qat.warmup import TernaryLambdaCallback
+from posttrain.ternary.quant import lambda_at
 
 
 class Ternary(Recipe):
@@ -53,18 +54,20 @@ class Ternary(Recipe):
 
     def save(self, trainer, run, setup, folder, metrics) -> None:
         # transformers' BitNet format (+ the fake-quant copy); bits per weight measured on the files written.
-        model = gathered_model(trainer, lambda: self.rebuild(run))  # every process takes part in the gather
-        if not trainer.args.should_save:
-            return
-        export_bitnet(model, run.tokenizer, folder, overwrite=True)
-        metrics["bits_per_weight"] = bits_per_weight(folder)
-        if run.cfg.ternary.fake_quant_export:
-            export_fake_quant(model, run.tokenizer, folder / "fake_quant", overwrite=True)
+        with whole_model(trainer, lambda: self.rebuild(run, trainer.state.global_step)) as model:
+            if model is None:  # not the main process: it took part in the gather, the main process writes
+                return
+            export_bitnet(model, run.tokenizer, folder, overwrite=True)
+            metrics["bits_per_weight"] = bits_per_weight(folder)
+            if run.cfg.ternary.fake_quant_export:
+                export_fake_quant(model, run.tokenizer, folder / "fake_quant", overwrite=True)
 
-    def rebuild(self, run):
-        """An empty CPU copy of the trained architecture, for weights gathered from a sharded run."""
+    def rebuild(self, run, step: int):
+        """The trained architecture on the CPU, with the quantizer where training left it, for weights gathered
+        from a sharded (FSDP) run."""
         model = load_model(run.cfg.model, run.model_path, run.tokenizer)
         convert(model, **self.layer_settings(run.cfg))
+        set_quant_lambda(model, lambda_at(step, self.warmup_steps(run.cfg), run.cfg.ternary.lambda_schedule))
         return model
 
     @staticmethod

@@ -47,7 +47,7 @@ def test_two_process_ddp_equals_one_process_with_two_accumulation_steps(recipe, 
     start = tiny_sft_dir if recipe == "dpo" else "tiny:llama"
     ddp = torchrun(*common(recipe, tmp_path / "ddp", start), "train.grad_accum=1")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert ddp.stdout.count("ran once, on the main process; shared with 1 other process(es)") == 1  # tokenized once
+    assert ddp.stdout.count("read once, on the main process, for all 2 processes") == 1  # tokenized once
     one = single(*common(recipe, tmp_path / "one", start), "train.grad_accum=2")
     assert one.returncode == 0, one.stderr[-3000:]
     runs = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("ddp", "one")]

@@ -61,3 +61,26 @@ def test_quiet_run_prints_only_the_summary(tmp_path):
     assert [line for line in done.stdout.splitlines() if line.strip()] == [done.stdout.strip().splitlines()[-1]]
     assert done.stdout.startswith("posttrain: done: train loss")
     assert "%|" not in done.stderr  # no progress bar
+
+
+def test_a_warning_every_process_raises_alike_is_said_once():
+    other = run_log("log.warning('no layers', every_rank=False)", RANK="1", WORLD_SIZE="2")
+    main = run_log("log.warning('no layers', every_rank=False)", RANK="0", WORLD_SIZE="2")
+    assert other.stderr == "" and main.stderr == "posttrain: warning [rank 0]: no layers\n"
+
+
+def test_quiet_can_be_undone(monkeypatch):
+    from posttrain import log
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")
+    log.set_quiet()
+    assert os.environ["TQDM_DISABLE"] == "1" and os.environ["TRANSFORMERS_VERBOSITY"] == "error" and log.quiet()
+    log.set_quiet(False)
+    assert "TQDM_DISABLE" not in os.environ and os.environ["TRANSFORMERS_VERBOSITY"] == "info" and not log.quiet()
+
+
+def test_resume_is_refused_for_a_pipeline():
+    done = subprocess.run([sys.executable, "-m", "posttrain", "run", "demo/pipeline", "--resume"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 2 and "--resume is for one run" in done.stderr

@@ -88,14 +88,35 @@ def test_cli_bad_data_file_names_the_line(tmp_path):
     data.write_text('{"text": "fine"}\n{"text": oops}\n')
     result = cli("run", "configs/tiny/sft.yaml", f"data.train={data}", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"posttrain: error: {data}:2: invalid JSON (Expecting value: line 1 column 10 " \
-        "(char 9)); fix or remove this line"
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"posttrain: error: {data}:2: invalid JSON (Expecting value: line 1 column 10 (char 9)); "
+        "fix or remove this line")
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
 def test_ls_lists_recipes_and_configs():
     result = cli("ls")
     assert result.returncode == 0 and "sft" in result.stdout and "tiny/sft.yaml" in result.stdout
+    runnable, others = result.stdout.split("bundled settings for other flags")
+    assert "tiny/sft.yaml" in runnable and "accelerate/" not in runnable and "eval/" not in runnable
+    assert "accelerate/fsdp.yaml" in others and "eval/tiny.yaml" in others
+
+
+def test_load_config_takes_a_bundled_name_as_the_cli_does():
+    from posttrain.config.schema import load_config
+
+    assert load_config("tiny/sft").recipe == "sft"
+    assert load_config("configs/tiny/dpo.yaml", ["train.max_steps=3"]).train.max_steps == 3
+
+
+@pytest.mark.parametrize("verb,options", [("init-tiny", ["out_dir", "--arch", "default: llama"]),
+                                          ("merge", ["--dtype", "default: float32"]),
+                                          ("quantize", ["--method", "--overwrite", "default: ternary"]),
+                                          ("bench", ["--prompt-tokens", "default: 128", "--repeats", "default: 5"])])
+def test_help_describes_every_option_with_its_default(verb, options):
+    result = cli(verb, "--help")
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert result.returncode == 0 and all(option in text for option in options), text
 
 
 def test_init_tiny(tmp_path):

@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from posttrain import log
+from posttrain.engine.distributed import on_main_then_shared
 from posttrain.errors import PosttrainError
 from posttrain.integrations.accelerate_state import unmark_evaluation_prepare
 from posttrain.integrations.transformers_trainer import TrainerInternals
@@ -220,7 +221,11 @@ def train(trainer):
     The run folder decides: prepare_run_dir (engine/run_dir.py) keeps an unfinished run's
     checkpoints only when this run continues it (--resume, or a rerun with the same settings), says so, and
     otherwise starts from an empty folder."""
-    checkpoint = latest_checkpoint(trainer.args.output_dir)
+    checkpoint = on_main_then_shared(latest_checkpoint, trainer.args.output_dir)  # one choice for every process
+    unseen = checkpoint is not None and not (checkpoint / "trainer_state.json").is_file()
+    if _any_process([unseen], trainer.args.device)[0]:
+        raise PosttrainError(f"{checkpoint} is not on every machine; resuming needs the run folder on a filesystem "
+                             "that every machine shares")
     unmark_evaluation_prepare(trainer)
     with trainer.stop_request:
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -42,8 +42,8 @@ def compile_decoder_layers(model: nn.Module) -> int:
     returns how many."""
     layers = decoder_layers(model)
     if layers is None:
-        log.warning("train.compile found no decoder layers (model.layers) in "
-            f"{type(model).__name__}; training eagerly")
+        log.warning(f"train.compile found no decoder layers (model.layers) in {type(model).__name__}; training "
+                    "eagerly", every_rank=False)
         return 0
     torch._dynamo.config.suppress_errors = True  # a frame that cannot compile runs eagerly
     for layer in layers:

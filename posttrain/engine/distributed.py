@@ -9,7 +9,8 @@ every rank as the same error, so they all stop with one line instead of waiting 
 
 from __future__ import annotations
 
-from posttrain import log
+import contextlib
+
 from posttrain.errors import PosttrainError
 
 
@@ -32,8 +33,6 @@ def on_main_then_shared(compute, *args, **kwargs):
     if state.is_main_process:
         try:
             box[0] = ("ok", compute(*args, **kwargs))
-            log.info(f"{compute.__name__} ran once, on the main process; shared with "
-                f"{state.num_processes - 1} other process(es)")
         except Exception as err:  # noqa: BLE001 - told to the other ranks, then raised here as it was
             failure, box[0] = err, ("error", str(err) if isinstance(err, PosttrainError) else None)
     dist.broadcast_object_list(box, src=0, device=None if state.device.type == "cpu" else state.device)
@@ -45,20 +44,32 @@ def on_main_then_shared(compute, *args, **kwargs):
     return value
 
 
-def gathered_model(trainer, rebuild):
-    """The trained model, whole, on the main process (None elsewhere); every process must call it.
+@contextlib.contextmanager
+def whole_model(trainer, rebuild):
+    """Yields the trained model, whole, on the main process (None on the others); every process must enter it.
 
-    Under DDP or on one process each process already holds the whole model. Under FSDP or ZeRO-3 each holds a
-    shard: the full state is gathered collectively (accelerate's get_state_dict) and loaded, on the main process,
-    into rebuild() (an empty CPU copy of the architecture), so that writers which walk the model's modules (the
-    ternary export) see real tensors, not shards."""
-    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
-    if not sharded:
-        return trainer.accelerator.unwrap_model(trainer.model)
-    state = trainer.accelerator.get_state_dict(trainer.model)  # collective: every process takes part
-    if not trainer.args.should_save:
-        return None
-    model = rebuild()
+    - one process or DDP: every process holds the whole model already.
+    - DeepSpeed ZeRO-3: parameters are partitioned; deepspeed.zero.GatheredParameters gathers them in place for the
+      length of the block (collective), so writers that walk the model's modules (the ternary export) see whole
+      tensors. ZeRO-1/2 partition only optimizer state: nothing to gather.
+    - FSDP: the full state is gathered collectively (accelerate's get_state_dict) and loaded, on the main process,
+      into rebuild(): the same architecture on the CPU, whose own weights it replaces."""
+    should_write = trainer.args.should_save
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if getattr(trainer, "is_deepspeed_enabled", False) and plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield model if should_write else None
+    elif getattr(trainer, "is_fsdp_enabled", False):
+        state = trainer.accelerator.get_state_dict(trainer.model)  # collective: every process takes part
+        yield _loaded(rebuild(), state) if should_write else None
+    else:
+        yield trainer.accelerator.unwrap_model(trainer.model) if should_write else None
+
+
+def _loaded(model, state: dict):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied lm_head comes back through the embedding
         raise RuntimeError(f"gathered weights do not fit the rebuilt model: missing {missing[:5]}, "

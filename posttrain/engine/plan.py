@@ -46,6 +46,9 @@ GIB = 2**30
 REFERENCE_BATCH_FACTOR = 8
 
 
+FIT_WARNING = "estimated memory: "  # the plan's one line that is a warning
+
+
 @dataclass
 class SpeedPlan:
     """The resolved settings (batch_size: packed rows, examples or pairs per device per micro-batch)."""
@@ -65,7 +68,10 @@ class SpeedPlan:
 
     def report(self) -> None:
         for line in self.lines:
-            log.info(f"speed: {line}")
+            if line.startswith(FIT_WARNING):
+                log.warning(line)  # shown with --quiet too: the run may fail on memory
+            else:
+                log.info(f"speed: {line}")
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "lines" and v is not None}
@@ -99,7 +105,7 @@ def available_memory() -> tuple[int, str]:
     rank, and ranks that chose different micro-batches would wait for each other forever."""
     import torch
 
-    shared = world_size() > 1
+    shared = log.world_size() > 1
     if torch.cuda.is_available():
         device = int(os.environ.get("LOCAL_RANK", 0))
         free, total = torch.cuda.mem_get_info(device)
@@ -111,7 +117,7 @@ def available_memory() -> tuple[int, str]:
     except (OSError, ValueError):
         info = {"MemAvailable": os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")}
     if shared and "MemTotal" in info:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", log.world_size()))
         return info["MemTotal"] // (2 * local), "RAM (half the total, shared by the local processes)"
     return info["MemAvailable"], "available RAM"
 
@@ -244,13 +250,9 @@ def plan(train, model, rows_per_step: int, tokens_per_row: int, unit: str, budge
              f"torch.compile per decoder layer {'on (the first step compiles one layer)' if train.compile else 'off'}"
              " [train.compile]"]
     if not fits(micro, checkpointing):
-        lines.append(f"WARNING: est. {estimate:.1f} GiB may not fit in {free / GIB:.1f} GiB; lower "
+        lines.append(f"{FIT_WARNING}{estimate:.1f} GiB may not fit in {free / GIB:.1f} GiB; lower "
                      "train.batch_size or train.max_length, or set train.gradient_checkpointing: true")
     return SpeedPlan(micro, accum, checkpointing, optim, liger, lines, compile_layers=train.compile)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def plan_sft(cfg, model, examples: list[dict], packed) -> SpeedPlan:
@@ -263,8 +265,8 @@ def plan_sft(cfg, model, examples: list[dict], packed) -> SpeedPlan:
         line = f"no packing: {train.batch_size} x {accum} examples per step, padded to the longest [train.packing]"
         return plan(train, model, train.batch_size * accum, longest, "examples", line, fraction)
     mean_example = packed.tokens / packed.documents
-    budget = train.tokens_per_step or train.batch_size * accum * world_size() * mean_example
-    rows = max(1, round(budget / world_size() / packed.mean_row_tokens))
+    budget = train.tokens_per_step or train.batch_size * accum * log.world_size() * mean_example
+    rows = max(1, round(budget / log.world_size() / packed.mean_row_tokens))
     source = "train.tokens_per_step" if train.tokens_per_step else (
         f"{train.batch_size} x {accum} examples x {mean_example:.0f} mean tokens")
     line = (f"packing {packed.summary()} [train.packing]; step budget {budget:,.0f} tokens ({source}) -> "

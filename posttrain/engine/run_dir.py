@@ -22,6 +22,7 @@ from pathlib import Path
 
 from posttrain import log
 from posttrain.config.schema import Config, dump_yaml
+from posttrain.engine.distributed import on_main_then_shared
 from posttrain.engine.distributed import process_state as _process  # only the main process writes files
 from posttrain.errors import PosttrainError
 from posttrain.files import give_default_modes, write_json_atomic, write_text_atomic
@@ -42,7 +43,9 @@ def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
     if resume:
         _check_resumable(cfg, out)  # --resume's own refusals come before the generic ones
     _check_run_dir(cfg, out)  # every process checks (read-only), so all fail alike instead of hanging
-    continuing = _continues(cfg, out, resume)  # decided before anything moves, on every process alike
+    # Decided before anything moves, by the main process (it says why in one line), and shared: machines without a
+    # shared filesystem would otherwise each decide from their own disk.
+    continuing = on_main_then_shared(_continues, cfg, out, resume)
     process.wait_for_everyone()
     if process.is_main_process and continuing:
         write_text_atomic(out / CONFIG_FILE, dump_yaml(cfg))

@@ -17,6 +17,7 @@ from posttrain import log
 from posttrain.config.schema import Config
 from posttrain.engine.model_card import versions
 from posttrain.engine.plan import fixed_plan, precision_flags
+from posttrain.engine.run_dir import CHECKPOINTS
 from posttrain.errors import PosttrainError
 
 
@@ -52,7 +53,7 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=No
     if package and importlib.util.find_spec(package) is None:
         raise PosttrainError(f"train.report_to: {train.report_to} needs the {package} package: pip install {package}")
     return args_class(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run_dir / CHECKPOINTS),
         max_steps=train.max_steps,
         num_train_epochs=train.num_epochs,
         learning_rate=train.learning_rate,
@@ -93,7 +94,6 @@ class LossHistory(TrainerCallback):
 
     def __init__(self):
         self.losses: list[tuple[int, float]] = []
-        self.logs: list[dict] = []
         self.started = time.perf_counter()
         self.tokens_at_start = 0  # a resumed run counts its throughput from where it resumed
 
@@ -101,8 +101,7 @@ class LossHistory(TrainerCallback):
         self.tokens_at_start = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = dict(logs or {})
-        self.logs.append({"step": state.global_step, **logs})
+        logs = logs or {}
         if "loss" in logs:
             self.losses.append((state.global_step, float(logs["loss"])))
 

@@ -130,11 +130,9 @@ def _export_state(model: nn.Module, layers, dtype: torch.dtype, packed: bool) ->
 
 def _write_atomically(out_dir: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Run write(tmp_dir) on a sibling temp dir, then rename it to out_dir (replacing it only if overwrite)."""
-    from posttrain.files import atomic_dir
+    from posttrain.files import atomic_dir, check_output_folder
 
-    out = Path(out_dir).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise PosttrainError(f"export target {out} exists and is not empty: pick a new folder or pass overwrite=True")
+    out = check_output_folder(Path(out_dir).resolve(), "export target", overwrite)
     with atomic_dir(out) as staging:
         write(staging)
     return out
