@@ -98,10 +98,10 @@ def stage_overrides(stage: Stage, out: Path) -> list[str]:
 
 def _run_stage(stage: Stage, folder: Path, root: Path, out: Path) -> None:
     from posttrain.config.schema import load_config
-    from posttrain.registry import run_recipe
+    from posttrain.registry import run_named_recipe
 
     if stage.config:
-        run_recipe(load_config(root / stage.config, stage_overrides(stage, out)))
+        run_named_recipe(load_config(root / stage.config, stage_overrides(stage, out)))
     elif stage.quantize:
         from posttrain.ternary.ptq import quantize
 
@@ -143,7 +143,7 @@ def run(cfg, overrides: list[str] | None = None, resume: bool = False) -> dict:
     resume: continue an unfinished run from its latest complete checkpoint."""
     from posttrain.config.bundled import resolve_config_path
     from posttrain.config.schema import Config, load_config
-    from posttrain.registry import run_recipe
+    from posttrain.registry import run_named_recipe
 
     if not isinstance(cfg, Config):
         path = resolve_config_path(cfg)
@@ -153,4 +153,4 @@ def run(cfg, overrides: list[str] | None = None, resume: bool = False) -> dict:
                                      "stages are skipped, an interrupted one restarts from its beginning)")
             return {"pipeline": str(run_pipeline(path, overrides))}
         cfg = load_config(path, overrides)
-    return run_recipe(cfg, resume=resume)
+    return run_named_recipe(cfg, resume=resume)

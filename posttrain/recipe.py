@@ -62,7 +62,6 @@ class Run:
     """One run's shared state, handed to every step of the recipe."""
 
     cfg: Config
-    resume: bool
     model_path: str  # cfg.model.name_or_path resolved to a folder (or hub name)
     tokenizer: object
     data: Data
@@ -144,7 +143,7 @@ def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
     log.info(f"data: {data.counts}{once}")
 
     # 2. The run folder: refuses to clobber a finished run; the resolved config goes in first.
-    run = Run(cfg, resume, model_path, tokenizer, data, prepare_run_dir(cfg, resume))
+    run = Run(cfg, model_path, tokenizer, data, prepare_run_dir(cfg, resume))
 
     # 3-4. The objective's model and inputs, then the guarded trainer.
     setup = recipe.setup(run)

@@ -33,6 +33,6 @@ def load_recipe(name: str):
     return module
 
 
-def run_recipe(cfg: Config, resume: bool = False) -> dict:
+def run_named_recipe(cfg: Config, resume: bool = False) -> dict:
     """Run the recipe that a loaded config names; returns the run's metrics (also in output_dir/metrics.json)."""
     return load_recipe(cfg.recipe).main(cfg, resume=resume)
