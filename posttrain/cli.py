@@ -173,14 +173,22 @@ def _add_launch_arguments(sub) -> None:
                             "elastic rendezvous; it numbers the machines itself)")
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless it has none worth saying (None, a flag's False) or the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__import__("posttrain").__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=__import__("posttrain").__version__)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     def verb(name, func, help_text):
-        sub = verbs.add_parser(name, help=help_text, description=help_text,
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = verbs.add_parser(name, help=help_text, description=help_text, formatter_class=HelpWithDefaults)
         sub.set_defaults(func=func)
         sub.add_argument("--quiet", action="store_true",
                          help="print only errors and the final summary (no progress bars, no informational lines)")

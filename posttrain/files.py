@@ -109,9 +109,31 @@ def check_writable(path: str | Path, name: str) -> Path:
 
 
 def check_output_folder(path: str | Path, name: str, overwrite: bool = False) -> Path:
-    """An output folder for a verb that replaces it whole (init-tiny, quantize): writable (check_writable) and
-    empty or absent unless `overwrite`, so a folder posttrain did not write is never replaced by accident."""
+    """An output folder for a verb that replaces it whole (init-tiny, quantize, merge, export): writable
+    (check_writable) and empty or absent; with `overwrite`, a non-empty one only when it holds a model or a
+    posttrain output, so that --overwrite given by mistake never deletes a project, a home folder or a checkout."""
     path = check_writable(path, name)
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise PosttrainError(f"{name} {path} is not empty; choose another folder or pass --overwrite")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise PosttrainError(f"{name} {path} is not empty; choose another folder or pass --overwrite")
+        refusal = _not_replaceable(path)
+        if refusal:
+            raise PosttrainError(f"{name} {path}: --overwrite replaces only a folder that holds a model or a "
+                                 f"posttrain output, and {refusal}; choose another folder")
     return path
+
+
+REPLACEABLE_MARKERS = ("config.json", "adapter_config.json", "posttrain.yaml", "quantize.json")
+
+
+def _not_replaceable(path: Path) -> str | None:
+    """Why a non-empty folder must not be replaced, or None."""
+    here = path.resolve()
+    cwd = Path.cwd().resolve()
+    if here in (cwd, *cwd.parents) or here == Path.home().resolve():
+        return "this is the current folder, a folder above it, or the home folder"
+    if (here / ".git").exists():
+        return "this one holds a git checkout"
+    if not any((here / marker).is_file() for marker in REPLACEABLE_MARKERS):
+        return f"this one holds none ({', '.join(REPLACEABLE_MARKERS)})"
+    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 from posttrain.errors import PosttrainError
@@ -196,5 +197,6 @@ def resolve_tiny_model(spec: str) -> Path:
     arch = spec.split(":", 1)[1] or "llama"
     target = cache_dir() / f"tiny-{arch}-v{TINY_VERSION}"
     if not (target / "config.json").is_file():
-        build_tiny(target, arch, overwrite=True)  # posttrain's own cache folder: a half-built one is replaced
+        shutil.rmtree(target, ignore_errors=True)  # posttrain's own cache folder: a half-built one is rebuilt
+        build_tiny(target, arch)
     return target

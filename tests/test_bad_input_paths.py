@@ -92,11 +92,11 @@ def test_check_output_folder_accepts(tmp_path):
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "old.txt").write_text("x")
+    (tmp_path / "full" / "config.json").write_text("{}")  # a model: --overwrite may replace it
     assert check_output_folder(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
     assert check_output_folder(tmp_path / "empty", "--out") == tmp_path / "empty"
     assert check_output_folder(tmp_path / "full", "--out", overwrite=True) == tmp_path / "full"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["empty", "full", "old.txt"]  # nothing made, nothing left
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "empty", "full"]  # nothing made or left
 
 
 def test_init_tiny_refuses_a_folder_it_did_not_write(tmp_path, capsys, monkeypatch):
@@ -133,10 +133,31 @@ def test_init_tiny_overwrite_replaces_the_folder(tmp_path, capsys):
 
     folder = tmp_path / "tiny"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")  # an earlier model
     (folder / "old.txt").write_text("x")
     assert main(["init-tiny", str(folder), "--overwrite"]) == 0, capsys.readouterr().err
-    assert (folder / "config.json").is_file() and not (folder / "old.txt").exists()
+    assert (folder / "config.json").stat().st_size > 2 and not (folder / "old.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["tiny"]  # no staging folder left beside it
+
+
+@pytest.mark.parametrize("case", ["foreign", "checkout", "current-folder", "parent-of-current"])
+def test_overwrite_never_replaces_a_folder_that_holds_no_model(tmp_path, monkeypatch, capsys, case):
+    """--overwrite given by mistake (init-tiny, quantize and merge share the check) deletes nothing of a project."""
+    from posttrain.cli import main
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "notes.txt").write_text("keep")
+    target = project
+    if case == "checkout":
+        (project / ".git").mkdir()
+        (project / "config.json").write_text("{}")  # even a checkout that holds a config.json
+    if case in ("current-folder", "parent-of-current"):
+        (project / "config.json").write_text("{}")
+        monkeypatch.chdir(project / "src" if case == "parent-of-current" else project)
+    assert main(["init-tiny", str(target), "--overwrite"]) == 2
+    assert "--overwrite replaces only a folder that holds a model" in capsys.readouterr().err
+    assert (project / "notes.txt").read_text() == "keep" and (project / "src").is_dir()
 
 
 def test_tiny_cache_still_rebuilds_its_own_folder(tmp_path, monkeypatch):

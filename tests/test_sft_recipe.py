@@ -132,7 +132,12 @@ def test_merge_never_replaces_a_folder_without_overwrite(tmp_path):
     (target / "notes.txt").write_text("keep me")
     assert main(["merge", str(tmp_path / "lora"), "--out", str(target)]) == 2
     assert (target / "notes.txt").read_text() == "keep me"
-    assert main(["merge", str(tmp_path / "lora"), "--out", str(target), "--overwrite"]) == 0
+    # --overwrite replaces an earlier model, never a folder that holds none
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(target), "--overwrite"]) == 2
+    assert (target / "notes.txt").read_text() == "keep me"
+    merged = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(merged)]) == 0
+    assert main(["merge", str(tmp_path / "lora"), "--out", str(merged), "--overwrite"]) == 0
 
 
 def test_compiled_layers_train_like_eager_and_save_the_same_names(tmp_path):

@@ -231,7 +231,9 @@ def train(trainer):
         output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.stop_agreed and trainer.state.global_step < trainer.state.max_steps:
         saved = latest_checkpoint(trainer.args.output_dir)
-        raise RunInterrupted(f"stopped by {trainer.stop_request.signal_name or 'a signal on another process'} at "
-                             f"step {trainer.state.global_step}; {saved} saved; continue with the same command "
-                             "and --resume")
+        stopped = RunInterrupted(f"stopped by {trainer.stop_request.signal_name or 'a signal on another process'} "
+                                 f"at step {trainer.state.global_step}; {saved} saved; continue with the same "
+                                 "command and --resume")
+        stopped.exit_code = 130 if trainer.stop_request.signal_name == "SIGINT" else 143  # the shells' 128 + signal
+        raise stopped
     return output

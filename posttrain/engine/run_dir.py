@@ -110,7 +110,8 @@ def _continues(cfg: Config, out: Path, resume: bool) -> bool:
         return False
     checkpoint = latest_checkpoint(out / CHECKPOINTS)
     differ, changed = _differences(saved, cfg)
-    discarded = f"; its checkpoints (latest {checkpoint.name}) are discarded" if checkpoint else ""
+    discarded = (f"; its checkpoints (latest {checkpoint.name}) are discarded once this run finishes (until then "
+                 f"the old run is kept in {_replaced(out)})" if checkpoint else "")
     if cfg.overwrite and not resume:
         log.info(f"overwrite=true: starting over; the unfinished run in {out} is replaced{discarded}")
         return False
