@@ -173,13 +173,14 @@ def _add_launch_arguments(sub) -> None:
                             "elastic rendezvous; it numbers the machines itself)")
 
 
-class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+class HelpWithDefaults(argparse.HelpFormatter):
     """Shows an option's default, unless it has none worth saying (None, a flag's False) or the help says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
