@@ -130,8 +130,8 @@ def _quantize(args) -> None:
 def _eval(args) -> None:
     from posttrain.eval import run_eval
 
-    run_eval(args.models, args.suite, args.out)
-    print(f"posttrain: report written to {args.out}/report.md (results.json, plots beside it)")
+    run_eval(args.models, args.suite, args.out, baseline=args.baseline)
+    print(f"posttrain: report written to {args.out}/report.html (report.md, results.json, plots beside it)")
 
 
 def _bench(args) -> None:
@@ -139,7 +139,7 @@ def _bench(args) -> None:
 
     run_bench(args.models, args.out, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
               repeats=args.repeats)
-    print(f"posttrain: report written to {args.out}/report.md (results.json, plots beside it)")
+    print(f"posttrain: report written to {args.out}/report.html (report.md, results.json, plots beside it)")
 
 
 def _demo(args) -> None:
@@ -150,10 +150,9 @@ def _demo(args) -> None:
 
     started = time.perf_counter()
     out = run_pipeline(configs_dir() / "demo" / "pipeline.yaml", [f"output_dir={args.out}"])
-    report = out / "report" / "report.md"
-    print(report.read_text())
-    print(f"posttrain: demo finished in {time.perf_counter() - started:.0f} s; report: {report}; "
-          f"results.json and plots (*.png) in {report.parent}; every stage's model in {out}")
+    report = out / "report"
+    print(f"posttrain: demo finished in {time.perf_counter() - started:.0f} s; open {report / 'report.html'} "
+          f"(report.md, results.json, plots and per-item samples/ beside it); every stage's model in {out}")
 
 
 def _add_launch_arguments(sub) -> None:
@@ -232,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("models", nargs="+", metavar="MODEL", help="[name=]path: model, adapter, ternary export or hub")
     sub.add_argument("--suite", required=True, help="suite YAML (see configs/eval/)")
     sub.add_argument("--out", required=True, help="folder for results.json, report.md and plots")
+    sub.add_argument("--baseline", metavar="NAME", help="variant the others are tested against (default: the first)")
     sub = verb("bench", _bench, "size, load time, memory, prefill/decode speed of models, into the same report")
     sub.add_argument("models", nargs="+", metavar="MODEL", help="[name=]path: model, adapter, ternary export or hub")
     sub.add_argument("--out", required=True, help="folder for results.json, report.md and plots")

@@ -108,13 +108,20 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in [tokenizer.eos_token_id, *configured] if i is not None})
 
 
-def generation_metrics(outputs: list[str], rows: list[dict]) -> dict[str, float]:
-    exact, contains = [], []
+def generation_items(outputs: list[str], rows: list[dict]) -> list[dict[str, float]]:
+    """Per item: {"exact_match": 0/1, "contains": 0/1}, in the order of the rows."""
+    items = []
     for out, row in zip(outputs, rows):
         answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
         answers = [str(a).strip() for a in answers]
-        exact.append(float(any(out.strip() == a for a in answers)))
-        contains.append(float(any(a in out for a in answers)))
+        exact, contains = any(out.strip() == a for a in answers), any(a in out for a in answers)
+        items.append({"exact_match": float(exact), "contains": float(contains)})
+    return items
+
+
+def generation_metrics(outputs: list[str], rows: list[dict]) -> dict[str, float]:
+    items = generation_items(outputs, rows)
+    exact, contains = [i["exact_match"] for i in items], [i["contains"] for i in items]
     return {
         "exact_match": mean(exact),
         "exact_match_stderr": mean_stderr(exact),

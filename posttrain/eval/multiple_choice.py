@@ -50,9 +50,19 @@ class ChoiceScores:
             preds.append(int(np.argmax(scores)))
         return preds
 
+    def items(self) -> list[dict]:
+        """Per question: {"acc": 0/1, "acc_norm": 0/1, "choice": argmax, "choice_norm": length-normalized argmax}."""
+        out = []
+        for q, pick, pick_norm in zip(self.questions, self.predictions(), self.predictions(normalize=True)):
+            out.append(
+                {"acc": float(pick == q.answer), "acc_norm": float(pick_norm == q.answer), "choice": pick,
+                 "choice_norm": pick_norm}
+            )
+        return out
+
     def metrics(self) -> dict[str, float]:
-        acc = [float(p == q.answer) for p, q in zip(self.predictions(), self.questions)]
-        acc_norm = [float(p == q.answer) for p, q in zip(self.predictions(normalize=True), self.questions)]
+        items = self.items()
+        acc, acc_norm = [i["acc"] for i in items], [i["acc_norm"] for i in items]
         return {
             "acc": mean(acc),
             "acc_stderr": mean_stderr(acc),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +39,20 @@ class TextLoglikelihoods:
     n_targets: int
     n_bytes: int
     n_words: int
+    per_text_counts: list[tuple[int, int, int]] = field(default_factory=list)  # (targets, bytes, words) per text
+
+    def items(self) -> list[dict[str, float]]:
+        """Per text: its NLL sum (nats), its counts, and the text's own perplexity and bits per byte. The table's
+        numbers pool the sums over texts, so they are ratios of sums, not means of these per-text values."""
+        out = []
+        for ll, (targets, n_bytes, words) in zip(self.per_text, self.per_text_counts):
+            nll = -ll
+            out.append({
+                "nll": nll, "tokens": targets, "bytes": n_bytes, "words": words,
+                "perplexity": math.exp(nll / targets) if targets else math.nan,
+                "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else math.nan,
+            })
+        return out
 
     def metrics(self) -> dict[str, float]:
         nll = -sum(self.per_text)
@@ -72,11 +86,13 @@ def text_loglikelihoods(
             targets = torch.tensor(seqs[w.doc][w.end - w.n_targets + 1 : w.end + 1], device=logits.device)
             logprobs = torch.log_softmax(scored_logits(logits, row, w).float(), dim=-1)
             per_text[w.doc] += logprobs.gather(-1, targets[:, None]).sum().item()
+    counts = [(len(s) - 1, len(t.encode("utf-8")), len(re.split(r"\s+", t))) for s, t in zip(seqs, texts)]
     return TextLoglikelihoods(
         per_text=per_text,
-        n_targets=sum(len(s) - 1 for s in seqs),
-        n_bytes=sum(len(t.encode("utf-8")) for t in texts),
-        n_words=sum(len(re.split(r"\s+", t)) for t in texts),
+        n_targets=sum(c[0] for c in counts),
+        n_bytes=sum(c[1] for c in counts),
+        n_words=sum(c[2] for c in counts),
+        per_text_counts=counts,
     )
 
 

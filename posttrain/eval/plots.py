@@ -1,4 +1,5 @@
-"""PNG plots of results.json: one bar chart per metric family, and quality against size on disk.
+"""PNG plots of results.json: one bar chart per metric family, quality against size on disk, and the training
+curves of the variants that are posttrain run folders (results["training"]).
 
 Bar charts put one panel per metric (variants on the x axis, one colour per variant throughout every figure),
 write the value on each bar, draw stderr as error bars, and say in the panel title which direction is better.
@@ -27,7 +28,8 @@ def write_plots(results: dict, out_dir: Path) -> list[Path]:
             by_family.setdefault(cat.family(key), []).append(key)
     paths = [_family_plot(fam, keys, variants, directions, colors, out_dir) for fam, keys in by_family.items()]
     scatter = _quality_vs_size(variants, colors, out_dir)
-    return [p for p in [*paths, scatter] if p is not None]
+    curves = _training_curves(results.get("training") or {}, directions, colors, out_dir)
+    return [p for p in [*paths, scatter, curves] if p is not None]
 
 
 def _family_plot(fam: str, keys: list[str], variants: dict, directions: dict, colors: dict, out_dir: Path) -> Path:
@@ -125,6 +127,56 @@ def _quality_vs_size(variants: dict, colors: dict, out_dir: Path) -> Path | None
     fig.suptitle("Quality against size on disk", fontsize=13, fontweight="bold")
     fig.tight_layout()
     path = out_dir / "plot_quality_vs_size.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _training_series(training: dict) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
+    """[(panel key, {variant: [(step, value), ...]})]: train loss first, then each eval-history metric."""
+    loss = {name: [_point(p) for p in run.get("train_loss") or [] if _point(p)] for name, run in training.items()}
+    evals: dict[str, dict[str, list]] = {}
+    for name, run in training.items():
+        for entry in run.get("eval") or []:
+            step = entry.get("step")
+            for key, value in entry.items():
+                if key != "step" and not cat.is_stderr(key) and cat.is_number(step) and cat.is_number(value):
+                    evals.setdefault(key, {}).setdefault(name, []).append((step, value))
+    panels = [("train loss", loss)] if any(loss.values()) else []
+    return panels + [(key, evals[key]) for key in sorted(evals, key=cat.sort_key)]
+
+
+def _point(pair) -> tuple[float, float] | None:
+    ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(cat.is_number, pair))
+    return (pair[0], pair[1]) if ok else None
+
+
+def _training_curves(training: dict, directions: dict, colors: dict, out_dir: Path) -> Path | None:
+    import matplotlib.pyplot as plt
+
+    panels = _training_series(training)
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, (key, series) in zip(axes.flat, panels):
+        for name, points in series.items():
+            if points:
+                steps, values = zip(*sorted(points))
+                # Eval history has a few points: markers show where each evaluation ran.
+                ax.plot(steps, values, color=colors.get(name), label=name, marker="o" if len(points) <= 30 else None)
+        higher = False if key == "train loss" else cat.higher_is_better(key, directions)
+        hint = {True: " (higher is better)", False: " (lower is better)", None: ""}[higher]
+        ax.set_title((key if key == "train loss" else cat.column_label(key)) + hint, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("Training curves", fontsize=13, fontweight="bold")
+    fig.tight_layout()
+    path = out_dir / "plot_training.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -59,34 +59,56 @@ def completion_logps(
     return out
 
 
+def preference_items(policy_logps: list[float], reference_logps: list[float], beta: float) -> list[dict[str, float]]:
+    """Per pair: {"accuracy": 0/1 (strict chosen > rejected, as TRL), "margin", "reward_chosen", "reward_rejected"};
+    policy/reference logps interleaved as [chosen_0, rejected_0, chosen_1, ...]."""
+    rewards = [beta * (p - r) for p, r in zip(policy_logps, reference_logps)]
+    return [
+        {"accuracy": float(c > r), "margin": c - r, "reward_chosen": c, "reward_rejected": r}
+        for c, r in zip(rewards[0::2], rewards[1::2])
+    ]
+
+
 def preference_metrics(policy_logps: list[float], reference_logps: list[float], beta: float) -> dict[str, float]:
     """policy/reference logps interleaved as [chosen_0, rejected_0, chosen_1, ...]."""
-    rewards = [beta * (p - r) for p, r in zip(policy_logps, reference_logps)]
-    chosen, rejected = rewards[0::2], rewards[1::2]
-    wins = [float(c > r) for c, r in zip(chosen, rejected)]
+    items = preference_items(policy_logps, reference_logps, beta)
+    wins = [i["accuracy"] for i in items]
     return {
         "accuracy": mean(wins),
         "accuracy_stderr": mean_stderr(wins),
-        "margin": mean([c - r for c, r in zip(chosen, rejected)]),
-        "reward_chosen": mean(chosen),
-        "reward_rejected": mean(rejected),
+        "margin": mean([i["margin"] for i in items]),
+        "reward_chosen": mean([i["reward_chosen"] for i in items]),
+        "reward_rejected": mean([i["reward_rejected"] for i in items]),
     }
 
 
 def pair_sequences(
     tokenizer, rows: Rows | list[dict], max_length: int | None = None
 ) -> list[tuple[list[int], list[int]]]:
-    """[(prompt, chosen), (prompt, rejected), ...] in the interleaved order `preference_metrics` expects.
+    """[(prompt, chosen), (prompt, rejected), ...] in the interleaved order `preference_metrics` expects."""
+    return kept_pair_sequences(tokenizer, rows, max_length)[0]
+
+
+def kept_pair_sequences(
+    tokenizer, rows: Rows | list[dict], max_length: int | None = None
+) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """(sequences as `pair_sequences` gives them, the index in `rows` of each pair kept).
 
     Tokenized by posttrain.data.preference.tokenize_pairs, the DPO recipe's own function, so eval and training agree
     on which tokens are the completion; pairs longer than `max_length` keep their start, pairs whose prompt
     alone fills it are left out (both counted, with a warning).
     """
     rows = as_pairs(rows) if isinstance(rows, list) else rows
-    pairs, counts = tokenize_pairs(tokenizer, rows, max_length or 10**9)
+    max_length = max_length or 10**9
+    pairs, counts = tokenize_pairs(tokenizer, rows, max_length)
+    kept = list(range(len(rows.rows)))
     skipped = {k: v for k, v in counts.items() if k != "pairs" and v}
     if skipped:
         warnings.warn(f"preference: {counts['pairs']} pairs, of which {skipped}", stacklevel=2)
+    if counts["prompt_too_long"]:
+        # tokenize_pairs leaves out the pairs whose prompt alone fills max_length; untruncated ids say which.
+        full, _ = tokenize_pairs(tokenizer, rows, 10**9)
+        kept = [i for i, pair in enumerate(full) if len(pair["prompt_ids"]) < max_length]
     seqs = []
     for pair in pairs:
         prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
@@ -98,4 +120,4 @@ def pair_sequences(
         # An empty prompt still needs one token to condition the first completion token on (lm-eval's choice).
         prompt = prompt or [prefix_token_id(tokenizer)]
         seqs += [(prompt, chosen), (prompt, rejected)]
-    return seqs
+    return seqs, kept

@@ -3,7 +3,9 @@
 Order of work, chosen so that mistakes surface before minutes of compute: the suite and all its data files are
 read and checked first; the reference model's log-probs for the preference pairs are computed once and the
 reference is freed; then each variant is loaded, measured, and freed before the next (only the drift base
-stays loaded, since KL needs its full distributions). Nothing is written until every variant is done.
+stays loaded, since KL needs its full distributions). Every measurement also keeps one record per item
+(posttrain.eval.records); the intervals and the paired tests against the baseline (posttrain.eval.stats) run on
+those records once every variant is done. Nothing is written until then.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import datetime
 import gc
 import platform
 import subprocess
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,34 +24,59 @@ from tqdm.auto import tqdm
 from posttrain.errors import PosttrainError
 from posttrain.eval import metric_catalog as cat
 from posttrain.eval.bench import bench_variant, size_metrics
-from posttrain.eval.drift import drift_metrics
-from posttrain.eval.generation import build_prompts, generate_greedy, generation_metrics, generation_rows
+from posttrain.eval.drift import drift_measure
+from posttrain.eval.generation import (
+    build_prompts,
+    generate_greedy,
+    generation_items,
+    generation_metrics,
+    generation_rows,
+)
 from posttrain.eval.multiple_choice import questions_from_rows, score_choices
 from posttrain.eval.perplexity import text_loglikelihoods
-from posttrain.eval.preference import as_pairs, completion_logps, pair_sequences, preference_metrics
+from posttrain.eval.preference import (
+    as_pairs,
+    completion_logps,
+    kept_pair_sequences,
+    preference_items,
+    preference_metrics,
+)
+from posttrain.eval.records import (
+    generation_records,
+    mc_records,
+    preference_records,
+    text_records,
+    training_curves,
+)
 from posttrain.eval.report import merge_results, write_report
 from posttrain.eval.suite import Suite, load_suite, read_rows
 from posttrain.eval.tokenization import model_max_length, vocab_guard
 from posttrain.eval.variants import check_model_specs, load_variant, pick_device, variant_names
 
 
-def run_eval(models: list[str], suite: str | Path | dict, out_dir: str | Path) -> dict:
-    """Evaluate MODEL specs on SUITE; write results.json, report.md and plots into out_dir; return the results."""
+def run_eval(
+    models: list[str], suite: str | Path | dict, out_dir: str | Path, baseline: str | None = None
+) -> dict:
+    """Evaluate MODEL specs on SUITE; write results.json, report.md, report.html, plots and the per-item records
+    (samples/) into out_dir; return the results. baseline: the variant the others are tested against (default:
+    the suite's `baseline`, else the first MODEL)."""
     if not models:
         raise PosttrainError("posttrain eval needs at least one MODEL (a folder, an adapter folder, or name=path)")
     _check_out_dir(out_dir)
     suite = load_suite(suite)
     names = variant_names(models)
+    baseline = _baseline(baseline, suite, names)
     check_model_specs(models, names)
     shared = [(s, key) for s, key in ((_spec(suite.preference, "reference"), "preference.reference"),
                                       (_spec(suite.drift, "base"), "drift.base")) if s]
     check_model_specs([s for s, _ in shared], [key for _, key in shared])
     torch.manual_seed(suite.seed)
     run = SuiteRun(suite)
-    per_variant, sources = {}, {}
+    per_variant, sources, samples = {}, {}, {}
     for spec, name in tqdm(list(zip(models, names)), desc="variants", disable=len(models) < 2):
         variant = load_variant(spec, suite.device, suite.dtype, name=name)
-        per_variant[name] = {**run.evaluate(variant), **_prefixed("size", size_metrics(variant))}
+        metrics, samples[name] = run.evaluate_items(variant)
+        per_variant[name] = {**metrics, **_prefixed("size", size_metrics(variant))}
         sources[name] = _describe(variant)
         del variant
         gc.collect()
@@ -55,9 +84,24 @@ def run_eval(models: list[str], suite: str | Path | dict, out_dir: str | Path) -
     results = _assemble(
         per_variant, sources, {"suite": suite.to_dict(), "suite_file": suite.source}, run.directions, suite.device
     )
+    from posttrain.eval.stats import compute_stats  # scipy and statsmodels load only when eval runs
+
+    results["stats"] = compute_stats(samples, baseline, seed=suite.seed)
     results = merge_results(results, Path(out_dir), owns=lambda key: cat.family(key) != "bench")
-    write_report(results, out_dir)
+    write_report(results, out_dir, samples)
     return results
+
+
+def _baseline(flag: str | None, suite: Suite, names: list[str]) -> str:
+    """The variant the others are tested against: --baseline, else the suite's `baseline`, else the first."""
+    baseline = flag or suite.baseline or names[0]
+    if baseline not in names:
+        where = "--baseline" if flag else f"{suite.source}: baseline:"
+        raise PosttrainError(
+            f"{where} {baseline!r} is not a variant of this run {names}: name one of them (default: the first, "
+            f"{names[0]!r})"
+        )
+    return baseline
 
 
 def run_bench(
@@ -115,24 +159,29 @@ class SuiteRun:
 
     def _read_data(self) -> None:
         s = self.suite
-        self.ppl_texts = _texts(s.perplexity)
-        self.drift_texts = _texts(s.drift)
+        with _naming("perplexity.data", s.source):
+            self.ppl_texts = _texts(s.perplexity)
+        with _naming("drift.data", s.source):
+            self.drift_texts = _texts(s.drift)
         self.mc, self.gen = {}, {}
-        for t in s.multiple_choice:
-            rows, origins = read_rows(t.data, ("choices", "answer"), t.limit)
-            self.mc[t.name] = questions_from_rows(rows, t.data.path, origins)
-        for t in s.generation:
-            rows, origins = read_rows(t.data, (), t.limit)
-            self.gen[t.name] = generation_rows(rows, origins), origins
+        for i, t in enumerate(s.multiple_choice):
+            with _naming(f"multiple_choice[{i}].data", s.source):
+                rows, origins = read_rows(t.data, ("choices", "answer"), t.limit)
+                self.mc[t.name] = questions_from_rows(rows, t.data.path, origins), origins
+        for i, t in enumerate(s.generation):
+            with _naming(f"generation[{i}].data", s.source):
+                rows, origins = read_rows(t.data, (), t.limit)
+                self.gen[t.name] = generation_rows(rows, origins), origins
         if s.preference:
-            self.pref_rows = as_pairs(*read_rows(s.preference.data, ("chosen", "rejected"), s.preference.limit))
+            with _naming("preference.data", s.source):
+                self.pref_rows = as_pairs(*read_rows(s.preference.data, ("chosen", "rejected"), s.preference.limit))
 
     def _reference_logps(self) -> list[float]:
         section = self.suite.preference
         reference = load_variant(section.reference, self.suite.device, self.suite.dtype, name="reference")
         self.pref_reference = reference  # kept for the vocabulary check only: its model is dropped below
         max_length = model_max_length(reference.model)
-        self.pref_sequences = pair_sequences(reference.tokenizer, self.pref_rows, max_length)
+        self.pref_sequences, self.pref_kept = kept_pair_sequences(reference.tokenizer, self.pref_rows, max_length)
         logps = completion_logps(reference.model, self.pref_sequences, section.batch_size, desc="reference logps")
         reference.model = None
         gc.collect()
@@ -140,68 +189,86 @@ class SuiteRun:
 
     def evaluate(self, variant) -> dict[str, float]:
         """Every section of the suite on one variant, as {`<family>/...`: value}."""
-        out = {}
-        if self.suite.perplexity:
-            out.update(_prefixed("perplexity", self._perplexity(variant)))
-        for task in self.suite.multiple_choice:
-            out.update(_prefixed(f"mc/{task.name}", self._multiple_choice(variant, task)))
-        for task in self.suite.generation:
-            out.update(_prefixed(f"gen/{task.name}", self._generation(variant, task)))
-        if self.suite.preference:
-            out.update(_prefixed("preference", self._preference(variant)))
-        if self.suite.drift:
-            vocab_guard(self.drift_base, variant, "drift")
-            d = self.suite.drift
-            out.update(
-                _prefixed("drift", drift_metrics(self.drift_base, variant, self.drift_texts, d.context, d.batch_size))
-            )
+        return self.evaluate_items(variant)[0]
+
+    def evaluate_items(self, variant) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        """(evaluate's metrics, the per-item records {task: [row, ...]}, task `gen-<name>`, `mc-<name>`,
+        `preference`, `perplexity` or `drift`; see posttrain.eval.records)."""
+        out, samples = {}, {}
+        parts = [("perplexity", "perplexity", self._perplexity)] if self.suite.perplexity else []
+        parts += [(f"mc/{t.name}", f"mc-{t.name}", partial(self._multiple_choice, task=t))
+                  for t in self.suite.multiple_choice]
+        parts += [(f"gen/{t.name}", f"gen-{t.name}", partial(self._generation, task=t)) for t in self.suite.generation]
+        parts += [("preference", "preference", self._preference)] if self.suite.preference else []
+        parts += [("drift", "drift", self._drift)] if self.suite.drift else []
+        for prefix, task, measure in parts:
+            metrics, samples[task] = measure(variant)
+            out.update(_prefixed(prefix, metrics))
         if self.suite.lm_eval:
             from posttrain.eval.lm_eval_tasks import run_lm_eval_tasks
 
             metrics, directions = run_lm_eval_tasks(variant, self.suite.lm_eval)
             out.update(metrics)
             self.directions.update(directions)
-        return out
+        return out, samples
 
-    def _perplexity(self, variant) -> dict[str, float]:
-        p = self.suite.perplexity
+    def _perplexity(self, variant) -> tuple[dict, list[dict]]:
+        p, (texts, origins) = self.suite.perplexity, self.ppl_texts
         desc = f"perplexity {variant.name}"
-        lls = text_loglikelihoods(
-            variant.model, variant.tokenizer, self.ppl_texts, p.context, p.stride, p.batch_size, desc=desc
-        )
-        return lls.metrics()
+        lls = text_loglikelihoods(variant.model, variant.tokenizer, texts, p.context, p.stride, p.batch_size, desc=desc)
+        return lls.metrics(), text_records(origins, texts, lls.items())
 
-    def _multiple_choice(self, variant, task) -> dict[str, float]:
-        questions, desc = self.mc[task.name], f"{task.name} {variant.name}"
+    def _multiple_choice(self, variant, task) -> tuple[dict, list[dict]]:
+        (questions, origins), desc = self.mc[task.name], f"{task.name} {variant.name}"
         scores = score_choices(
             variant.model, variant.tokenizer, questions, task.target_delimiter, task.batch_size, desc=desc
         )
-        return scores.metrics()
+        return scores.metrics(), mc_records(origins, scores)
 
-    def _generation(self, variant, task) -> dict[str, float]:
+    def _generation(self, variant, task) -> tuple[dict, list[dict]]:
         (rows, origins), desc = self.gen[task.name], f"{task.name} {variant.name}"
         prompts, add_special = build_prompts(variant.tokenizer, rows, task.chat_template, origins)
         outputs = generate_greedy(
             variant.model, variant.tokenizer, prompts, add_special, task.max_new_tokens, task.batch_size, desc=desc
         )
-        return generation_metrics(outputs, rows)
+        items = generation_items(outputs, rows)
+        return generation_metrics(outputs, rows), generation_records(origins, rows, prompts, outputs, items)
 
-    def _preference(self, variant) -> dict[str, float]:
+    def _preference(self, variant) -> tuple[dict, list[dict]]:
         section = self.suite.preference
         vocab_guard(self.pref_reference, variant, "preference")
         desc = f"logps {variant.name}"
         policy = completion_logps(variant.model, self.pref_sequences, section.batch_size, desc=desc)
-        return preference_metrics(policy, self.reference_logps, section.beta)
+        items = preference_items(policy, self.reference_logps, section.beta)
+        metrics = preference_metrics(policy, self.reference_logps, section.beta)
+        return metrics, preference_records(self.pref_rows, self.pref_kept, items)
+
+    def _drift(self, variant) -> tuple[dict, list[dict]]:
+        vocab_guard(self.drift_base, variant, "drift")
+        d, (texts, origins) = self.suite.drift, self.drift_texts
+        metrics, items = drift_measure(self.drift_base, variant, texts, d.context, d.batch_size)
+        return metrics, text_records(origins, texts, items)
 
     def close(self) -> None:
         self.drift_base = None
         gc.collect()
 
 
-def _texts(section) -> list[str]:
+@contextmanager
+def _naming(key: str, source: str):
+    """A data error inside says which suite key's data it is about."""
+    try:
+        yield
+    except PosttrainError as err:
+        raise PosttrainError(f"{source}: {key}: {err}") from None
+
+
+def _texts(section) -> tuple[list[str], list[str]]:
+    """(texts, origins) of a text section; empty when the suite has no such section."""
     if section is None:
-        return []
-    return [r["text"] for r in read_rows(section.data, ("text",), section.limit)[0]]
+        return [], []
+    rows, origins = read_rows(section.data, ("text",), section.limit)
+    return [r["text"] for r in rows], origins
 
 
 def _spec(section, key: str) -> str | None:
@@ -231,6 +298,7 @@ def _assemble(per_variant: dict, sources: dict, settings: dict, overrides: dict,
         "directions": directions,
         "settings": settings,
         "environment": environment(device),
+        "training": training_curves(sources),
     }
 
 

@@ -41,6 +41,8 @@ def _common_problems(section) -> list[tuple[str, str]]:
         out.append(("data.fraction", "is not used by eval; use the section's limit for the first N rows"))
     if section.batch_size < 1:
         out.append(("batch_size", "must be >= 1"))
+    if section.limit is not None and section.limit < 1:
+        out.append(("limit", f"must be >= 1 (got {section.limit}); leave it out for every row"))
     return out
 
 
@@ -130,7 +132,8 @@ class Suite:
     lm_eval: LmEvalSuite | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's
-    seed: int = 0
+    seed: int = 0  # torch's seed, and the seed of the bootstrap and permutation resampling
+    baseline: str | None = None  # the variant the others are tested against (default: the first MODEL)
     source: ClassVar[str] = "<dict>"  # the YAML file it came from (set by load_suite; not a YAML key)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -220,7 +223,10 @@ def read_rows(
     if limit is not None:
         rows, origins = rows[:limit], origins[:limit]
     if not rows:
-        raise PosttrainError(f"{source.path}: no rows (split {source.split!r}); the data is empty")
+        raise PosttrainError(
+            f"{source.path}: split {source.split!r} has no rows; point `data` at a source with rows, or name "
+            "another split ({path: ..., split: ...})"
+        )
     for row, origin in zip(rows, origins):
         missing = [c for c in required if c not in row]
         if missing:
