@@ -4,7 +4,8 @@
     2. the run folder, only once the data is good (a bad row never costs the folder's previous run)
     3. the model and everything the trainer needs for this objective (Recipe.setup)
     4. the trainer: TRL's, with posttrain's guards (atomic checkpoints, --resume, NaN and SIGTERM stops)
-    5. train, evaluate
+    5. train, evaluate (and, with an `evaluate:` section, score an eval suite every N steps while training:
+       posttrain.eval.during_training)
     6. save on every process (FSDP and ZeRO-3 gather the weights collectively; the main process writes),
        then the model card and metrics.json, last
 
@@ -28,6 +29,7 @@ from posttrain.engine.model_card import model_card
 from posttrain.engine.plan import sft_inputs
 from posttrain.engine.run_dir import finish_run, prepare_run_dir
 from posttrain.engine.trainer_args import LossHistory, run_metrics, trainer_args
+from posttrain.eval.during_training import during_training, eval_history
 from posttrain.files import check_writable
 from posttrain.models import absolute_adapter_base, load_tokenizer, lora_config, resolve_path
 
@@ -134,6 +136,7 @@ def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
     """Run one recipe on one config; returns the metrics that are also written to output_dir/metrics.json."""
     # 0. An output_dir that can never be written fails now, not after the data has been loaded.
     check_writable(cfg.output_dir, "output_dir")
+    scoring = during_training(cfg)  # the evaluate section's suite, read and checked before the data
 
     # 1. Tokenizer and data, once for the whole launch.
     model_path = resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle)
@@ -147,8 +150,11 @@ def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
 
     # 3-4. The objective's model and inputs, then the guarded trainer.
     setup = recipe.setup(run)
+    setup.callbacks += [scoring] if scoring else []
     history = LossHistory()
     trainer = build_trainer(recipe, run, setup, history)
+    if scoring:
+        scoring.bind(trainer)
     extra = recipe.after_build(trainer, run, setup)
 
     # 5. Train (continuing from the latest complete checkpoint when the run folder kept one), then evaluate.
@@ -156,7 +162,8 @@ def run_recipe(recipe: Recipe, cfg: Config, resume: bool = False) -> dict:
     final_eval = trainer.evaluate() if setup.eval_dataset is not None else {}
 
     # 6. Outputs: the model on every process, then the card and metrics.json last.
-    extra.update(recipe.metrics(trainer, run, setup, final_eval), speed=setup.speed)
+    extra.update(recipe.metrics(trainer, run, setup, final_eval), speed=setup.speed,
+                 eval_history=eval_history(trainer.state.log_history))  # from checkpoints too, on --resume
     metrics = run_metrics(trainer, train_output, history, data.counts, extra)
     card = model_card(cfg, metrics, cfg.adapter is not None and recipe.trains_adapters, recipe.title(cfg))
     finish_run(run.folder, lambda folder: recipe.save(trainer, run, setup, folder, metrics), metrics, card)

@@ -226,6 +226,28 @@ class TernarySettings:
 
 
 @dataclass
+class EvaluateConfig:
+    """Evaluation during training, any recipe: a suite scored every every_steps steps and at the last one.
+
+    The model being trained is scored; the figures go to the log, the tracker (train.report_to, as eval/<key>) and
+    metrics.json's eval_history. Only a suite's generation, multiple_choice and perplexity sections run here."""
+
+    suite: str = ""  # an eval suite YAML (docs/EVAL.md); relative: next to this config, then the current folder
+    every_steps: int = 100  # optimizer steps between evaluations
+    limit: int | None = None  # first N items of each task (caps the suite's own limits); null: the suite's
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.every_steps < 1:
+            out.append(("every_steps", "must be >= 1 (optimizer steps between evaluations)"))
+        if self.limit is not None and self.limit < 1:
+            out.append(("limit", "must be >= 1 (the first N items of each task) or null (the suite's own)"))
+        if not self.suite:
+            out.append(("suite", "is required: an eval suite YAML with generation, multiple_choice or perplexity"))
+        return out
+
+
+@dataclass
 class Config:
     """A whole run: which recipe, on which model and data, written where."""
 
@@ -236,6 +258,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used by recipe: dpo
     ternary: TernarySettings = field(default_factory=TernarySettings)  # used by recipe: ternary
+    evaluate: EvaluateConfig | None = None  # absent: no evaluation during training
     output_dir: str = ""
     overwrite: bool = False  # start over in an output_dir that holds a run (finished, or unfinished with checkpoints)
 
@@ -260,7 +283,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = resolve_config_path(path)
     tree, text = read_yaml(path)
     apply_overrides(tree, list(overrides or []), str(path))
-    return build(Config, tree, where_in(path, text, overrides))
+    where = where_in(path, text, overrides)
+    cfg = build(Config, tree, where)
+    if cfg.evaluate is not None:
+        cfg.evaluate.suite = _suite_path(cfg.evaluate.suite, Path(path).parent, where)
+    return cfg
+
+
+def _suite_path(value: str, config_dir: Path, where) -> str:
+    """evaluate.suite as an absolute path, so that the saved posttrain.yaml names it from anywhere. A relative one is
+    looked for next to the config first (a bundled config names its suite so), then in the current folder; one
+    given on the command line is looked for in the current folder first, where the command runs."""
+    path = Path(value).expanduser()
+    roots = [config_dir, Path.cwd()]
+    if where.from_override("evaluate.suite"):
+        roots.reverse()
+    candidates = [path] if path.is_absolute() else [root / path for root in roots]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        looked = " and ".join(str(c.parent) for c in candidates)
+        raise where.fail("evaluate.suite", f"evaluate.suite: {value} not found (looked in {looked}); pass the path "
+                                           "of an eval suite YAML (see docs/EVAL.md)")
+    return str(found.resolve())
 
 
 def to_dict(cfg) -> dict:
