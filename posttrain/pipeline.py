@@ -7,16 +7,18 @@
       - {name: sft, config: sft.yaml, model_from: base}      # model.name_or_path <- runs/demo/base
       - {name: ptq, quantize: sft}                           # post-training ternarization of a stage
       - {name: report, compare: [base, sft, ptq], suite: ../eval/tiny.yaml,
-         suite_overrides: [preference.reference=base]}       # eval + bench of stages, one report
+         suite_overrides: [preference.reference=base], baseline: sft,
+         summary: [gen/sums/exact_match]}                     # eval + bench of stages, one report
 
 Each stage writes `output_dir/<name>/`. Rerunning the pipeline skips every stage whose output is complete
-(metrics.json for a run, quantize.json for a quantization, report.md for a comparison — each written last)
+(metrics.json for a run, quantize.json for a quantization, compare.json for a comparison — each written last)
 and redoes an interrupted one from its start (its unfinished folder is cleared). Config paths are relative
 to the pipeline file; `overrides` are dotted overrides for the stage's config.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ class Stage:
     compare: list[str] = field(default_factory=list)  # stages to evaluate side by side
     suite: str | None = None  # the eval suite for compare, relative to the pipeline file
     suite_overrides: list[str] = field(default_factory=list)  # key=value; a value naming a stage -> its folder
+    baseline: str | None = None  # the compared stage the others are tested against (default: the first)
+    summary: list[str] = field(default_factory=list)  # metric keys of the short table printed at the end
     model_from: str | None = None  # this stage starts from that stage's output
     overrides: list[str] = field(default_factory=list)
 
@@ -49,6 +53,8 @@ class Stage:
             return [("config", "a stage needs exactly one of config, quantize or compare")]
         if self.compare and not self.suite:
             return [("suite", "is required with compare")]
+        if self.baseline is not None and self.baseline not in self.compare:
+            return [("baseline", f"{self.baseline!r} is not one of the compared stages {self.compare}")]
         return []
 
 
@@ -79,7 +85,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
 
 
 def stage_done(stage: Stage, folder: Path) -> bool:
-    marker = "metrics.json" if stage.config else "quantize.json" if stage.quantize else "report.md"
+    marker = "metrics.json" if stage.config else "quantize.json" if stage.quantize else "compare.json"
     return (folder / marker).is_file()
 
 
@@ -107,13 +113,27 @@ def _run_stage(stage: Stage, folder: Path, root: Path, out: Path) -> None:
 
         quantize(str(out / stage.quantize), folder, overwrite=True)
     else:
-        from posttrain.eval import run_bench, run_eval
+        _run_compare(stage, folder, root, out)
 
-        suite, _ = read_yaml(root / stage.suite)
-        named = [f"{name}={out / name}" for name in stage.compare]
-        apply_overrides(suite, [_stage_value(o, out) for o in stage.suite_overrides], str(root / stage.suite))
-        run_bench(named, folder, prompt_tokens=32, new_tokens=16, repeats=3)
-        run_eval(named, suite, folder)
+
+def _run_compare(stage: Stage, folder: Path, root: Path, out: Path) -> None:
+    """Bench and eval of the compared stages into one report; compare.json, written last, marks it complete
+    (a report.md alone may be the bench's half of an interrupted stage)."""
+    from posttrain.eval import run_bench, run_eval
+    from posttrain.eval.report import render_summary
+
+    (folder / "compare.json").unlink(missing_ok=True)
+    suite, _ = read_yaml(root / stage.suite)
+    named = [f"{name}={out / name}" for name in stage.compare]
+    apply_overrides(suite, [_stage_value(o, out) for o in stage.suite_overrides], str(root / stage.suite))
+    run_bench(named, folder, prompt_tokens=32, new_tokens=16, repeats=3)
+    results = run_eval(named, suite, folder, baseline=stage.baseline)
+    if stage.summary:
+        table = render_summary(results, stage.summary)
+        (folder / "summary.md").write_text(table)
+        log.info(f"stage {stage.name}: {folder / 'report.html'}\n{table}")
+    baseline = (results.get("stats") or {}).get("baseline")
+    (folder / "compare.json").write_text(json.dumps({"compare": stage.compare, "baseline": baseline}) + "\n")
 
 
 def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> Path:

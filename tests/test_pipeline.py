@@ -3,6 +3,7 @@ the demo's report shows the differences it exists to show."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,9 @@ def test_stage_references_and_kinds_are_checked(tmp_path):
         load_pipeline(write_pipeline(tmp_path, f"  - {{name: a, config: {TINY_SFT}, quantize: a}}\n"))
     with pytest.raises(PosttrainError, match="unknown key 'stages\\[0\\].confg'"):
         load_pipeline(write_pipeline(tmp_path, f"  - {{name: a, confg: {TINY_SFT}}}\n"))
+    with pytest.raises(PosttrainError, match=r"stages\[1\]\.baseline 'c' is not one of the compared stages"):
+        stages = f"  - {{name: a, config: {TINY_SFT}}}\n  - {{name: r, compare: [a], suite: s.yaml, baseline: c}}\n"
+        load_pipeline(write_pipeline(tmp_path, stages))
 
 
 def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
@@ -74,3 +78,35 @@ def test_demo_report_shows_meaningful_differences(tmp_path):
     assert sorted(p.name for p in (tmp_path / "demo" / "report").glob("*.png"))
     report = (tmp_path / "demo" / "report" / "report.md").read_text()
     assert all(name in report for name in ("base", "sft", "lora", "dpo", "ternary", "ptq"))
+    folder = tmp_path / "demo" / "report"
+    assert json.loads((folder / "compare.json").read_text())["baseline"] == "sft"
+    assert (folder / "report.html").is_file() and (folder / "samples" / "ptq" / "gen-add.jsonl").is_file()
+    history = json.loads((tmp_path / "demo" / "sft" / "metrics.json").read_text())["eval_history"]
+    assert [h["step"] for h in history] == [100, 200, 300]  # scored while training (evaluate: in sft.yaml)
+    _assert_readme_table_matches((folder / "summary.md").read_text())
+
+
+def _numbers(table: str) -> list[list]:
+    """Each cell of a markdown table as its numbers (value and interval) or, without numbers, its text."""
+    rows = []
+    for line in table.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.append([[float(x) for x in re.findall(r"-?\d+\.?\d*(?:e-?\d+)?", c.replace(",", ""))] or c
+                     for c in cells])
+    return rows
+
+
+def _assert_readme_table_matches(printed: str) -> None:
+    """The README's demo table is the one a fresh demo prints: same rows and marks, numbers within 0.05 (thread
+    counts can move a float and so a greedy answer or two)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- demo-summary: start -->")[1].split("<!-- demo-summary: end -->")[0]
+    mine, theirs = _numbers(block), _numbers(printed)
+    assert len(mine) == len(theirs), f"README demo table has {len(mine)} rows, the demo printed {len(theirs)}"
+    for row_readme, row_demo in zip(mine, theirs):
+        for a, b in zip(row_readme, row_demo):
+            if isinstance(a, list) and isinstance(b, list):
+                assert len(a) == len(b) and all(abs(x - y) <= 0.05 * max(1.0, abs(y)) for x, y in zip(a, b)), (
+                    f"README's demo table is stale: {row_readme} vs the demo's {row_demo}; paste summary.md")
+            else:
+                assert a == b, f"README's demo table is stale: {row_readme} vs the demo's {row_demo}"
