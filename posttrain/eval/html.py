@@ -16,10 +16,10 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from pathlib import Path
 
 from posttrain.eval import metric_catalog as cat
+from posttrain.eval.records import json_safe
 from posttrain.eval.report_assets import CSS, JS
 
 # Rows per variant and task that the page embeds (flipped items beyond it are kept); samples/ holds them all.
@@ -236,7 +236,8 @@ def _drilldown_section(results: dict, samples: dict, stats: dict) -> str:
         for task, rows in (tasks or {}).items():
             flipped = flips.get(variant, {}).get(task, {})
             kept = list(rows[:MAX_SAMPLE_ROWS]) + [r for r in rows[MAX_SAMPLE_ROWS:] if str(r.get("id")) in flipped]
-            embedded.setdefault(variant, {})[task] = {"rows": [_clip(r) for r in kept], "total": len(rows)}
+            rows_json = [json_safe(r, _clip_text) for r in kept]
+            embedded.setdefault(variant, {})[task] = {"rows": rows_json, "total": len(rows)}
     if not embedded:
         return ""
     data = json.dumps({"baseline": stats.get("baseline"), "samples": embedded, "flips": flips}, allow_nan=False)
@@ -256,19 +257,10 @@ def _drilldown_section(results: dict, samples: dict, stats: dict) -> str:
     )
 
 
-def _clip(obj):
-    """A JSON-safe copy of an item record: NaN/inf -> null, other objects -> str, long strings cut."""
-    if isinstance(obj, dict):
-        return {str(k): _clip(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clip(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, str) and len(obj) > MAX_TEXT_CHARS:
-        return obj[:MAX_TEXT_CHARS] + f" … [{len(obj) - MAX_TEXT_CHARS} more characters in samples/]"
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
+def _clip_text(text: str) -> str:
+    if len(text) <= MAX_TEXT_CHARS:
+        return text
+    return text[:MAX_TEXT_CHARS] + f" … [{len(text) - MAX_TEXT_CHARS} more characters in samples/]"
 
 
 def _flatten(value, prefix: str = "") -> list[tuple[str, str]]:

@@ -43,12 +43,7 @@ def _family_plot(fam: str, keys: list[str], variants: dict, directions: dict, co
         _bar_panel(ax, key, variants, cat.higher_is_better(key, directions), colors)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
-    fig.suptitle(cat.FAMILY_TITLES.get(fam, fam), fontsize=13, fontweight="bold")
-    fig.tight_layout()
-    path = out_dir / f"plot_{_safe(fam)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, cat.FAMILY_TITLES.get(fam, fam), out_dir / f"plot_{_safe(fam)}.png")
 
 
 def _bar_panel(ax, key: str, variants: dict, higher: bool | None, colors: dict) -> None:
@@ -124,12 +119,7 @@ def _quality_vs_size(variants: dict, colors: dict, out_dir: Path) -> Path | None
         ax.xaxis.set_major_formatter(lambda v, _: cat.human_bytes(v))
         ax.margins(x=0.25, y=0.2)
         ax.grid(alpha=0.3)
-    fig.suptitle("Quality against size on disk", fontsize=13, fontweight="bold")
-    fig.tight_layout()
-    path = out_dir / "plot_quality_vs_size.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, "Quality against size on disk", out_dir / "plot_quality_vs_size.png")
 
 
 def _training_series(training: dict) -> list[tuple[str, dict[str, list[tuple[float, float]]]]]:
@@ -174,9 +164,14 @@ def _training_curves(training: dict, directions: dict, colors: dict, out_dir: Pa
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.suptitle("Training curves", fontsize=13, fontweight="bold")
+    return _save(fig, "Training curves", out_dir / "plot_training.png")
+
+
+def _save(fig, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=13, fontweight="bold")
     fig.tight_layout()
-    path = out_dir / "plot_training.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

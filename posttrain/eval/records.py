@@ -61,14 +61,17 @@ def as_text(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def json_safe(obj):
-    """NaN/inf become null and other objects their str(): the files stay strict JSON."""
+def json_safe(obj, text=None):
+    """NaN/inf become null and other objects their str(): the files stay strict JSON. text: applied to every
+    string (the HTML report shortens long ones)."""
     if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v, text) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
+        return [json_safe(v, text) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, str) and text is not None:
+        return text(obj)
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
