@@ -8,7 +8,7 @@
       - {name: ptq, quantize: sft}                           # post-training ternarization of a stage
       - {name: report, compare: [base, sft, ptq], suite: ../eval/tiny.yaml,
          suite_overrides: [preference.reference=base], baseline: sft,
-         summary: [gen/sums/exact_match]}                     # eval + bench of stages, one report
+         summary: [gen/add/exact_match]}                      # eval + bench of stages, one report
 
 Each stage writes `output_dir/<name>/`. Rerunning the pipeline skips every stage whose output is complete
 (metrics.json for a run, quantize.json for a quantization, compare.json for a comparison — each written last)
