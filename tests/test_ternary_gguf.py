@@ -264,7 +264,7 @@ def test_rope_scaling_keys_and_llama3_rope_freqs(tokenizer, tmp_path):
 
 # ---- (b) llama.cpp runs it as posttrain does (optional: needs llama-cpp-python) -----------------------------
 
-PROMPTS = [f"{r['text'].split(' equals')[0]} equals" for r in tiny_rows("text", "test")[:6]] + [
+PROMPTS = [r["text"].split("?")[0] + "?" for r in tiny_rows("text", "test")[:6]] + [
     r["text"].split("?")[0] + "? It is" for r in tiny_rows("text", "test")[6:12]]
 EVAL_TEXTS = [r["text"] for r in tiny_rows("text", "test")[12:20]]
 TOKENIZER_TEXTS = EVAL_TEXTS[:3] + PROMPTS[:2] + [
