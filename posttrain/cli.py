@@ -22,7 +22,9 @@ def _run(args) -> None:
     metrics = run(args.config, args.overrides, resume=args.resume)
     first, last = metrics.get("train_loss_first"), metrics.get("train_loss_last")
     if first is not None and last is not None:
-        print(f"posttrain: done: train loss {first:.4f} -> {last:.4f}, {metrics['steps']} steps")
+        rewards = metrics.get("reward_first"), metrics.get("reward_last")  # RL: the number that shows progress
+        reward = f", mean reward {rewards[0]:.4f} -> {rewards[1]:.4f}" if None not in rewards else ""
+        print(f"posttrain: done: train loss {first:.4f} -> {last:.4f}{reward}, {metrics['steps']} steps")
 
 
 def _validate(args) -> None:
@@ -112,7 +114,7 @@ def _merge(args) -> None:
     from posttrain.models import merge_adapter
 
     out = merge_adapter(args.adapter_dir, args.out, args.dtype, args.allow_pickle, args.trust_remote_code,
-                        args.overwrite)
+                        args.overwrite, args.format)
     print(f"posttrain: merged model written to {out}")
 
 
@@ -172,6 +174,19 @@ def _add_launch_arguments(sub) -> None:
                             "elastic rendezvous; it numbers the machines itself)")
 
 
+def _add_merge_arguments(sub) -> None:
+    sub.add_argument("adapter_dir")
+    sub.add_argument("--out", required=True, help="folder for the merged model")
+    sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                     help="dtype the merged weights are saved in")
+    sub.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (pickle)")
+    sub.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code from the hub")
+    sub.add_argument("--format", default="hf", choices=["hf", "gguf-tq1", "gguf-tq2"],
+                     help="hf: a transformers model folder (BitNet format for an adapter on a ternary base); "
+                          "gguf-tq1 / gguf-tq2: llama.cpp GGUF, for an adapter trained with adapter.ternary_merge")
+    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
+
 class HelpWithDefaults(argparse.HelpFormatter):
     """Shows an option's default, unless it has none worth saying (None, a flag's False) or the help says it."""
 
@@ -205,14 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("out_dir", help="new or empty folder for the model (config, safetensors, tokenizer)")
     sub.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="architecture of the tiny model")
     sub.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir folder")
-    sub = verb("merge", _merge, "merge a LoRA/QLoRA adapter into its base model -> a full model folder")
-    sub.add_argument("adapter_dir")
-    sub.add_argument("--out", required=True, help="folder for the merged model")
-    sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                     help="dtype the merged weights are saved in")
-    sub.add_argument("--allow-pickle", action="store_true", help="allow .bin base weights (pickle)")
-    sub.add_argument("--trust-remote-code", action="store_true", help="run the base model's own code from the hub")
-    sub.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    _add_merge_arguments(verb("merge", _merge, "merge a LoRA/QLoRA adapter into its base model -> a full model "
+                                               "folder (a ternary one for an adapter on a ternary base)"))
     sub = verb("quantize", _quantize, "post-training ternarization (BitNet b1.58, no training) and export")
     sub.add_argument("model", help="model folder, LoRA adapter folder, or hub name")
     sub.add_argument("--method", default="ternary", choices=["ternary"],

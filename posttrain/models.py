@@ -176,6 +176,8 @@ def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: Adapter
 
     if is_adapter_dir(resolved):
         return _load_merged_adapter(cfg, resolved, tokenizer, adapter)
+    if adapter is not None and (adapter.ternary_merge or is_ternary_dir(resolved)):
+        return _packed_ternary_base(cfg, resolved, adapter)
     if is_ternary_dir(resolved):  # a posttrain/BitNet export: trainable BitLinear layers, weights = ternary x scale
         from posttrain.ternary import load_ternary
 
@@ -212,6 +214,20 @@ def load_model(cfg: ModelConfig, resolved: str, tokenizer=None, adapter: Adapter
     return model
 
 
+def _packed_ternary_base(cfg: ModelConfig, resolved: str, adapter: AdapterConfig):
+    """A ternary (BitNet) folder for LoRA: its linears stay packed in 2 bits and frozen (posttrain.ternary.lora)."""
+    if not is_ternary_dir(resolved):
+        raise PosttrainError(f"adapter.ternary_merge needs a ternary base model (a BitNet folder, e.g. the output of a "
+                             f"recipe: ternary run or posttrain quantize); {cfg.name_or_path} is not one")
+    if adapter.method == "qlora" or adapter.use_dora:
+        what = "method: qlora" if adapter.method == "qlora" else "use_dora"
+        raise PosttrainError(f"adapter.{what} does not apply to the ternary base {cfg.name_or_path}: it stays packed "
+                             "in 2 bits already; use adapter.method: lora")
+    from posttrain.ternary.lora import load_packed_ternary
+
+    return load_packed_ternary(resolved, torch_dtype(cfg.dtype))
+
+
 def _load_merged_adapter(cfg: ModelConfig, adapter_dir: str, tokenizer, adapter: AdapterConfig | None):
     from peft import PeftModel
 
@@ -219,8 +235,15 @@ def _load_merged_adapter(cfg: ModelConfig, adapter_dir: str, tokenizer, adapter:
         raise PosttrainError(f"{adapter_dir} is a LoRA adapter; merge it first (posttrain merge {adapter_dir} "
                              "--out DIR) and start QLoRA from the merged folder")
     base_name = adapter_base(adapter_dir)
+    base_path = resolve_path(base_name, cfg.allow_pickle)
+    if is_ternary_dir(base_path):  # merged inside the quantizer: a ternary model again (BitLinear layers)
+        from posttrain.ternary.lora import check_mergeable, load_adapter, load_packed_ternary, merged_ternary_model
+
+        check_mergeable(adapter_dir)
+        base = load_packed_ternary(base_path, torch_dtype(cfg.dtype))
+        return merged_ternary_model(load_adapter(base, adapter_dir), adapter_dir)
     base_cfg = dataclasses.replace(cfg, name_or_path=base_name)
-    base = load_model(base_cfg, resolve_path(base_name, cfg.allow_pickle), tokenizer)
+    base = load_model(base_cfg, base_path, tokenizer)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
@@ -248,13 +271,8 @@ def lora_config(adapter: AdapterConfig | None, model=None):
 
     targets = adapter.target_modules
     if model is not None and targets != ["all-linear"]:
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
-            raise PosttrainError(f"adapter.target_modules {missing} not in the model; its linear layers: {linear} "
-                                 "(or use all-linear)")
-    return LoraConfig(
+        _check_targets(targets, model)
+    config = LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
@@ -263,6 +281,33 @@ def lora_config(adapter: AdapterConfig | None, model=None):
         use_dora=adapter.use_dora,
         task_type="CAUSAL_LM",
     )
+    if model is not None and any(type(m).__name__ == "PackedTernaryLinear" for m in model.modules()):
+        from posttrain.ternary.lora import lora_config_for
+
+        return lora_config_for(config, adapter.ternary_merge)  # the quantizer-aware layer, with ternary_merge
+    return config
+
+
+def _check_targets(targets: list[str], model) -> None:
+    """Each target names a layer LoRA can wrap (a linear, embedding or convolution), checked before training."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    wrappable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    kinds: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        kinds.setdefault(leaf, set()).add("ok" if isinstance(module, wrappable) else type(module).__name__)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    missing = [t for t in targets if t not in kinds]
+    if missing:
+        raise PosttrainError(f"adapter.target_modules {missing} not in the model; its linear layers: {linear} "
+                             "(or use all-linear)")
+    other = {t: sorted(kinds[t] - {"ok"}) for t in targets if "ok" not in kinds[t]}
+    if other:
+        found = ", ".join(f"{t} is {'/'.join(v)}" for t, v in other.items())
+        raise PosttrainError(f"adapter.target_modules {list(other)} are not linear layers of the model ({found}); "
+                             f"LoRA wraps linear layers: {linear} (or use all-linear)")
 
 
 def is_ternary_dir(path: str | Path) -> bool:
@@ -350,10 +395,25 @@ def absolute_adapter_base(folder: str | Path) -> None:
     write_json_atomic(file, config)
 
 
+def record_ternary_adapter(folder: str | Path, adapter: AdapterConfig | None, model_path: str) -> None:
+    """An adapter trained on a packed ternary base says so in its folder, and whether it trained through the
+    quantizer (ternary_merge): loading it registers the matching LoRA layer (posttrain.ternary.lora)."""
+    if adapter is None or not is_adapter_dir(folder) or not is_ternary_dir(model_path):
+        return
+    from posttrain.ternary.lora import write_adapter_kind
+
+    write_adapter_kind(folder, adapter.ternary_merge)
+
+
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float32",
-                  allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False) -> Path:
+                  allow_pickle: bool = False, trust_remote_code: bool = False, overwrite: bool = False,
+                  fmt: str = "hf") -> Path:
     """LoRA adapter + its base -> one full model folder (written atomically). A QLoRA adapter is merged
-    into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them)."""
+    into the base loaded in `dtype`, not in 4-bit (merging into 4-bit weights would round them).
+
+    An adapter on a ternary base (trained with adapter.ternary_merge) merges inside the quantizer: the output is
+    ternary again, in transformers' BitNet format (fmt hf) or as llama.cpp GGUF (fmt gguf-tq1 / gguf-tq2,
+    out_dir/model-tq*_0.gguf)."""
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     check_output_folder(out_dir, "--out", overwrite)
     if not adapter_dir.is_dir():
@@ -365,8 +425,25 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, dtype: str = "fl
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer_source = str(adapter_dir) if has_tokenizer else resolve_path(adapter_base(adapter_dir), allow_pickle)
     tokenizer = load_tokenizer(dataclasses.replace(cfg, name_or_path=tokenizer_source), tokenizer_source)
+    if fmt != "hf" or is_ternary_dir(resolve_path(adapter_base(adapter_dir), allow_pickle)):
+        return _merge_ternary(cfg, adapter_dir, out_dir, tokenizer, fmt)
     merged = load_model(cfg, str(adapter_dir), tokenizer)
     with atomic_dir(out_dir) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return Path(out_dir)
+
+
+def _merge_ternary(cfg: ModelConfig, adapter_dir: Path, out_dir: Path, tokenizer, fmt: str) -> Path:
+    from posttrain.ternary.export.gguf import GGUF_FORMATS, check_gguf_options, export_gguf
+    from posttrain.ternary.export.hf import export_bitnet
+
+    if fmt != "hf":
+        check_gguf_options(fmt, "f16")  # an unknown format or no gguf package fails before loading
+    if not is_ternary_dir(resolve_path(adapter_base(adapter_dir), cfg.allow_pickle)):
+        raise PosttrainError(f"--format {fmt} writes a ternary model: {adapter_dir}'s base is not ternary; "
+                             f"use --format hf (formats: hf, {', '.join(GGUF_FORMATS)})")
+    merged = load_model(cfg, str(adapter_dir), tokenizer)  # ternary again: Q(W + BA) per layer
+    if fmt == "hf":
+        return export_bitnet(merged, tokenizer, out_dir, overwrite=True)
+    return export_gguf(merged, tokenizer, out_dir, fmt, overwrite=True)

@@ -31,7 +31,13 @@ from posttrain.engine.run_dir import finish_run, prepare_run_dir
 from posttrain.engine.trainer_args import LossHistory, run_metrics, trainer_args
 from posttrain.eval.during_training import during_training, eval_history
 from posttrain.files import check_writable
-from posttrain.models import absolute_adapter_base, load_tokenizer, lora_config, resolve_path
+from posttrain.models import (
+    absolute_adapter_base,
+    load_tokenizer,
+    lora_config,
+    record_ternary_adapter,
+    resolve_path,
+)
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Recipe:
         trainer.save_model(str(folder))  # model or adapter, and the tokenizer with its chat template
         if trainer.args.should_save:  # an adapter names its base by an absolute path: it loads from any folder
             absolute_adapter_base(folder)
+            record_ternary_adapter(folder, run.cfg.adapter, run.model_path)  # LoRA on a packed ternary base
 
     def title(self, cfg: Config) -> str:
         raise NotImplementedError

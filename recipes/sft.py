@@ -13,6 +13,7 @@ from posttrain.data.packing import prepare_model
 from posttrain.engine.plan import fastest_attention
 from posttrain.models import load_model
 from posttrain.recipe import Data, Recipe, Setup, run_recipe, sft_setup
+from posttrain.ternary.lora import base_weight_bytes, packed_layers
 
 
 class SFT(Recipe):
@@ -29,7 +30,16 @@ class SFT(Recipe):
         # Attention: flash-attn when installed, else sdpa; training never uses the KV cache (see data/packing.py).
         model = load_model(fastest_attention(run.cfg.model), run.model_path, run.tokenizer, run.cfg.adapter)
         prepare_model(model)
-        return sft_setup(run, model)
+        setup = sft_setup(run, model)
+        # LoRA on a ternary (BitNet) base: its linears stay packed in 2 bits; metrics.json gets the bytes they hold
+        setup.state["ternary_base"] = base_weight_bytes(model) if packed_layers(model) else None
+        return setup
+
+    def metrics(self, trainer, run, setup, final_eval) -> dict:
+        out = super().metrics(trainer, run, setup, final_eval)
+        if setup.state["ternary_base"]:
+            out["ternary_base"] = {**setup.state["ternary_base"], "ternary_merge": run.cfg.adapter.ternary_merge}
+        return out
 
     def title(self, cfg) -> str:
         return f"Supervised fine-tuning ({cfg.adapter.method if cfg.adapter else 'full'})"

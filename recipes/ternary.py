@@ -15,17 +15,13 @@ from __future__ import annotations
 
 from trl import SFTConfig, SFTTrainer
 
-from posttrain import log
 from posttrain.data.examples import sft_examples
 from posttrain.data.packing import prepare_model
-from posttrain.engine.distributed import whole_model
+from posttrain.engine.distill import check_teacher, distilling, load_teacher, loss_terms, teacher_path
 from posttrain.engine.plan import fastest_attention
-from posttrain.models import load_model
+from posttrain.engine.qat import convert_for_qat, lambda_after, save_ternary, warmup_steps
+from posttrain.models import load_model, resolve_path
 from posttrain.recipe import Data, Recipe, Setup, run_recipe, sft_setup
-from posttrain.ternary.export.hf import bits_per_weight, export_bitnet, export_fake_quant
-from posttrain.ternary.qat.bitlinear import convert, set_quant_lambda
-from posttrain.ternary.qat.warmup import TernaryLambdaCallback
-from posttrain.ternary.quant import lambda_at
 
 
 class Ternary(Recipe):
@@ -33,56 +29,40 @@ class Ternary(Recipe):
     trains_adapters = False  # the whole decoder trains through the quantizer
 
     def examples(self, cfg, tokenizer) -> Data:
+        if cfg.distill is not None:  # a teacher with another vocabulary fails here, before the data and the run folder
+            check_teacher(cfg, tokenizer, resolve_path(cfg.model.name_or_path, cfg.model.allow_pickle))
         return Data(*sft_examples(cfg, tokenizer))  # the sft recipe's data and loss masks
 
     def setup(self, run) -> Setup:
         # The pretrained (or SFT/DPO) model, its decoder linears swapped for BitLinear, quantizer off at step 0.
         model = load_model(fastest_attention(run.cfg.model), run.model_path, run.tokenizer)
         prepare_model(model)  # no KV cache in training: packed documents stay isolated
-        converted = convert(model, **self.layer_settings(run.cfg))
-        warmup = self.warmup_steps(run.cfg)
-        log.info(f"{converted} linear layers -> BitLinear; lambda {run.cfg.ternary.lambda_schedule} over "
-                 f"{warmup} steps")
+        converted, lambda_callback = convert_for_qat(model, run.cfg)
         # Packed rows as in sft (activations are quantized per token, so packed documents stay independent); the
         # callback sets lambda before every step (and after a resume, from the global step).
-        setup = sft_setup(run, model, [TernaryLambdaCallback(warmup, run.cfg.ternary.lambda_schedule)])
+        setup = sft_setup(run, model, [lambda_callback])
         setup.state["ternary_layers"] = converted
+        if run.cfg.distill is not None:  # the frozen teacher: the starting model unless distill.teacher names one
+            self.trainer_class = distilling(SFTTrainer)
+            setup.trainer_kwargs.update(teacher=load_teacher(run.cfg, teacher_path(run.cfg), run.tokenizer),
+                                        distill=run.cfg.distill)
         return setup
 
     def metrics(self, trainer, run, setup, final_eval) -> dict:
-        return {"eval_loss": final_eval.get("eval_loss"), "ternary_layers": setup.state["ternary_layers"]}
+        out = {"eval_loss": final_eval.get("eval_loss"), "ternary_layers": setup.state["ternary_layers"]}
+        if run.cfg.distill is not None:  # the logged ce_loss, kd_loss (and relation, hidden) terms, per token
+            out["distill"] = {"teacher": teacher_path(run.cfg), **loss_terms(trainer.state.log_history)}
+        return out
 
     def save(self, trainer, run, setup, folder, metrics) -> None:
         # transformers' BitNet format (+ the fake-quant copy); bits per weight measured on the files written.
-        with whole_model(trainer, lambda: self.rebuild(run, trainer.state.global_step)) as model:
-            if model is None:  # not the main process: it took part in the gather, the main process writes
-                return
-            export_bitnet(model, run.tokenizer, folder, overwrite=True)
-            metrics["bits_per_weight"] = bits_per_weight(folder)
-            if run.cfg.ternary.fake_quant_export:
-                export_fake_quant(model, run.tokenizer, folder / "fake_quant", overwrite=True)
-
-    def rebuild(self, run, step: int):
-        """The trained architecture on the CPU, with the quantizer where training left it, for weights gathered
-        from a sharded (FSDP) run."""
-        model = load_model(run.cfg.model, run.model_path, run.tokenizer)
-        convert(model, **self.layer_settings(run.cfg))
-        set_quant_lambda(model, lambda_at(step, self.warmup_steps(run.cfg), run.cfg.ternary.lambda_schedule))
-        return model
-
-    @staticmethod
-    def layer_settings(cfg) -> dict:
-        s = cfg.ternary
-        return dict(skip=s.skip, granularity=s.granularity, group_size=s.group_size, use_rms_norm=s.use_rms_norm,
-                    quant_lambda=0.0)
-
-    @staticmethod
-    def warmup_steps(cfg) -> int:
-        return 0 if cfg.ternary.lambda_schedule == "none" else cfg.ternary.lambda_warmup_steps
+        save_ternary(trainer, run.cfg, run.model_path, run.tokenizer, folder, metrics,
+                     lambda_after(run.cfg, trainer.state.global_step))
 
     def title(self, cfg) -> str:
-        return (f"1.58-bit ternary QAT ({cfg.ternary.lambda_schedule} lambda warmup, {self.warmup_steps(cfg)} "
-                "steps)")
+        kd = f", distilled at T {cfg.distill.temperature}" if cfg.distill is not None else ""
+        return (f"1.58-bit ternary QAT ({cfg.ternary.lambda_schedule} lambda warmup, {warmup_steps(cfg)} "
+                f"steps{kd})")
 
 
 def main(cfg, resume: bool = False) -> dict:

@@ -1,6 +1,7 @@
 """The benchmark scripts' own bookkeeping, where a mistake would only show on a GPU run."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,16 @@ def test_gemv_tuning_reports_the_float_output_entry_fastest_first(monkeypatch):
     assert tuning["gemv_config"] == fast._asdict()
     assert tuning["gemv_tuning_us"] == [[list(fast), 10.1], [list(slow), 15.2]]
     assert bench.gemv_tuning(2560, 6912) == {}
+
+
+def test_bench_ternary_kd_times_both_variants_in_one_run(capsys, tmp_path):
+    """bench_ternary_kd: plain and distilling QAT on the tiny model, one JSON line each and the teacher's cost."""
+    bench = load_script("bench_ternary_kd")
+    result = bench.main(["--steps", "3", "--out", str(tmp_path)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+    rows = [json.loads(line) for line in lines]
+    assert [row.get("variant") for row in rows] == ["plain", "distill", None] and rows[-1] == result
+    assert all(row["steps"] == 3 and row["steps_per_s"] > 0 for row in rows[:2])
+    assert result["kd_time_ratio"] == round(result["plain_steps_per_s"] / result["distill_steps_per_s"], 3)
+    assert (tmp_path / "kd" / "metrics.json").is_file() and "distill" in (tmp_path / "kd" / "metrics.json").read_text()
+    assert "distill" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())

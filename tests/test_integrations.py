@@ -58,6 +58,30 @@ def test_trl_logged_metrics():
     assert '_metrics[mode]["num_tokens"]' in inspect.getsource(SFTTrainer.compute_loss)
     for trainer_class in (SFTTrainer, DPOTrainer):
         assert "self._metrics[mode].items()" in inspect.getsource(trainer_class.log), trainer_class
+    # distillation appends new names: each mode's metrics take any name
+    assert '{"train": defaultdict(list), "eval": defaultdict(list)}' in inspect.getsource(SFTTrainer.__init__)
+
+
+@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+def test_trl_rl_trainer_internals(name):
+    """What the grpo recipe relies on in TRL's RL trainers: the keyword arguments of the reward call (a user's reward
+    is checked against them when the config loads), the batch keys the token count joins (rollout_tokens), the
+    metrics that log() averages (replace_logged_metric), and one generation per optimizer step unless told
+    otherwise (what keeps --resume exact: no checkpoint falls inside a buffer of completions)."""
+    import trl
+
+    from posttrain.config.functions import TRL_REWARD_KWARGS
+
+    trainer, config = getattr(trl, f"{name}Trainer"), getattr(trl, f"{name}Config")
+    rewards = inspect.getsource(trainer._calculate_rewards)
+    assert "completion_ids=completion_ids_list, **reward_kwargs" in rewards
+    assert all(f'reward_kwargs["{key}"]' in rewards for key in TRL_REWARD_KWARGS if key != "completion_ids")
+    scored = inspect.getsource(trainer._generate_and_score_completions)
+    assert all(f'"{key}":' in scored for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"))
+    assert "self._metrics[mode].items()" in inspect.getsource(trainer.log)
+    args = config(output_dir="x", use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=4,
+                  gradient_accumulation_steps=3)
+    assert args.steps_per_generation == 3 and args.num_iterations == 1
 
 
 def test_transformers_model_internals(tiny_model_dir):
@@ -70,6 +94,24 @@ def test_transformers_model_internals(tiny_model_dir):
     import transformers.modeling_utils
 
     assert "_is_quantized" in inspect.getsource(transformers.modeling_utils)
+
+
+def test_peft_custom_lora_layers():
+    """peft's hook for LoRA layers of module types it does not know (the ternary-aware adapter): registered on the
+    LoraConfig, consulted first when peft picks the layer class."""
+    from peft import LoraConfig
+    from peft.tuners.lora.model import LoraModel
+    from torch import nn
+
+    from posttrain.integrations.peft_lora import register_lora_layer, registered_lora_layers
+
+    assert parameters(LoraConfig._register_custom_module) == ["self", "mapping"]
+    source = inspect.getsource(LoraModel._create_new_module)
+    assert "lora_config._custom_modules" in source and "config._custom_modules.items()" in source
+    config = LoraConfig(r=2)
+    assert registered_lora_layers(config) == {}
+    register_lora_layer(config, nn.Identity, nn.Linear)
+    assert registered_lora_layers(config) == {nn.Identity: nn.Linear}
 
 
 def private_library_uses(path: Path) -> list[str]:
@@ -89,7 +131,7 @@ def private_library_uses(path: Path) -> list[str]:
 
 KNOWN_PRIVATE = {"_save_checkpoint", "_get_output_dir", "_track_num_input_tokens", "_is_accelerate_prepared",
                  "_models", "_attn_implementation", "_is_quantized", "_prepare_dataset", "_precompute_ref_logps",
-                 "_metrics"}
+                 "_metrics", "_register_custom_module", "_custom_modules"}
 TORCH_OVERRIDES = {"super()._apply", "super()._load_from_state_dict"}  # torch.nn.Module's documented hooks
 
 

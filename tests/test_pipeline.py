@@ -71,13 +71,20 @@ def test_demo_report_shows_meaningful_differences(tmp_path):
     exact = {name: metrics["gen/add/exact_match"] for name, metrics in results.items()}
     preference = {name: metrics["preference/accuracy"] for name, metrics in results.items()}
     print("exact match", exact, "preference accuracy", preference)
-    assert exact["sft"] - exact["base"] >= 0.3  # SFT beats the base by a wide margin
+    stats = json.loads((tmp_path / "demo" / "report" / "results.json").read_text())["stats"]["comparisons"]
+    below_sft = {name: by_key["gen/add/exact_match"]["significant"] and by_key["gen/add/exact_match"]["diff"] < 0
+                 for name, by_key in stats.items()}
+    # The task has headroom: SFT learns it well but not perfectly, on >= 500 held-out items.
+    assert stats["lora"]["gen/add/exact_match"]["n"] >= 500
+    assert 0.4 <= exact["sft"] <= 0.85 and exact["base"] == 0.0
+    assert exact["lora"] >= 0.5 * exact["sft"]  # LoRA learns the task too
     assert preference["dpo"] > preference["sft"]  # DPO's held-out preference accuracy beats SFT's
-    assert exact["ternary"] >= 0.8 * exact["sft"]  # 1.58-bit QAT keeps >= 80% of SFT's task accuracy
-    assert "ptq" in exact  # the no-training baseline is reported beside it
+    assert exact["ternary"] < exact["sft"] and below_sft["ternary"]  # 1.58-bit QAT pays, visibly (paired test)
+    assert exact["ptq"] <= 0.1 * exact["sft"] and below_sft["ptq"]  # ternarizing without training collapses
     assert sorted(p.name for p in (tmp_path / "demo" / "report").glob("*.png"))
     report = (tmp_path / "demo" / "report" / "report.md").read_text()
-    assert all(name in report for name in ("base", "sft", "lora", "dpo", "ternary", "ptq"))
+    stages = ("base", "sft", "lora", "dpo", "ternary", "ternary-kd", "ternary-lora", "ptq")
+    assert all(name in report for name in stages)
     folder = tmp_path / "demo" / "report"
     assert json.loads((folder / "compare.json").read_text())["baseline"] == "sft"
     assert (folder / "report.html").is_file() and (folder / "samples" / "ptq" / "gen-add.jsonl").is_file()

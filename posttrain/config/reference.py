@@ -54,8 +54,16 @@ def _lines(cls, indent: str) -> list[str]:
             out += _lines(nested[0], indent + "  ")
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        items = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] if typing.get_origin(tp) is list else []
+        if items:  # a list of sections (rl.rewards): its default, then each item's keys
+            default = [{k: v for k, v in dataclasses.asdict(d).items() if v != getattr(items[0](), k)}
+                       for d in default]
         value = yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix("\n...")
         out.append(f"{indent}{f.name}: {value}" + (f"  # {note}" if note else ""))
+        if items and items[0] is not schema.DataSource:  # data sources have their own block below
+            doc = (inspect.getdoc(items[0]) or "").splitlines()[0]
+            out.append(f"{indent}# each item of {f.name}: {doc}")
+            out += [f"{indent}#   {line.strip()}" for line in _lines(items[0], "")]
     return out
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
 
+from posttrain.config.functions import BUILTIN_REWARDS, check_reward_functions
 from posttrain.config.strict import apply_overrides, build, read_yaml, where_in  # noqa: F401 (re-exported)
 
 DataFormat = Literal["auto", "messages", "prompt_completion", "alpaca", "sharegpt", "preference", "text"]
@@ -97,9 +99,15 @@ class AdapterConfig:
     use_dora: bool = False
     quant_type: Literal["nf4", "fp4"] = "nf4"  # qlora only
     double_quant: bool = True  # qlora only
+    # A ternary (BitNet) base stays packed in 2 bits under LoRA; ternary_merge trains the adapter through the
+    # quantizer (LoRA dropout does not apply), so that `posttrain merge` writes an exactly ternary model.
+    ternary_merge: bool = False  # ternary base only: effective weight Q(W + BA); the merge stays ternary
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        if self.ternary_merge and (self.method != "lora" or self.use_dora):
+            out.append(("ternary_merge", "needs method: lora without use_dora (the adapter is merged into the "
+                                         "ternary weight inside the quantizer)"))
         if self.r < 1:
             out.append(("r", "must be >= 1"))
         if self.alpha < 1:
@@ -226,6 +234,109 @@ class TernarySettings:
 
 
 @dataclass
+class DistillSettings:
+    """Distillation into 1.58 bits (recipe: ternary): a frozen full-precision teacher teaches the ternary student.
+
+    BitDistill (2025): the teacher's logits, one layer's attention relations and (optionally) its hidden states.
+
+    loss = (1 - kd_weight) * CE + kd_weight * T^2 * KL(teacher || student at temperature T)
+           + attention_weight * relation KL at `layer` + hidden_weight * hidden-state MSE at `layer`,
+    each over the supervised tokens only (labels != -100), packed documents kept apart."""
+
+    teacher: str | None = None  # a model folder (or hub name) with the student's vocabulary; null: the starting model
+    temperature: float = 5.0  # softens both distributions; the KL is scaled by T^2 so its gradients keep their size
+    kd_weight: float = 0.5  # share of the logits KD against cross-entropy (0: CE only, 1: KD only)
+    attention_weight: float = 0.0  # Q-Q, K-K, V-V relations per head at `layer` (MiniLM-style); 0: off
+    hidden_weight: float = 0.0  # mean squared error of the hidden state after `layer` (same hidden size); 0: off
+    layer: int = -1  # decoder layer of both terms above; negative counts from the last (BitDistill: a late layer)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            out.append(("temperature", "must be > 0 (BitDistill uses about 5)"))
+        if not 0 <= self.kd_weight <= 1:
+            out.append(("kd_weight", "must be in [0, 1]: the share of the logits KD against cross-entropy"))
+        for key in ("attention_weight", "hidden_weight"):
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                out.append((key, "must be >= 0 (0 turns the term off)"))
+        if self.teacher == "":
+            out.append(("teacher", "must be a model folder, a hub name, or null (the starting model)"))
+        return out
+
+
+
+
+@dataclass
+class RewardSpec:
+    """One reward: exact_answer, numeric_answer, regex_answer, format, length_penalty, math_verify, or your own.
+
+    posttrain/eval/rewards.py says what each built-in scores. Your own function is called as TRL calls rewards:
+    f(prompts, completions, **columns) -> one float per completion (None skips it); the data's columns arrive as
+    keyword arguments.
+    """
+
+    function: str = ""  # a built-in (exact_answer, format, math_verify ...), FILE.py:FN or MODULE:FN
+    weight: float = 1.0  # the rewards are summed with these weights (TRL's reward_weights)
+    column: str = "answer"  # the data column holding the reference answer (answer rewards)
+    answer_pattern: str | None = None  # regex whose first group is the reference in the column, e.g. '#### (.+)$'
+    pattern: str | None = None  # regex_answer: its first group is the completion's answer; format: the shape required
+    tolerance: float = 1.0e-6  # numeric_answer: |completion's number - answer| allowed
+    target_tokens: int | None = None  # length_penalty: 0 up to here, -1 at max_completion_length; null: half
+
+    def problems(self) -> list[tuple[str, str]]:
+        if not self.function:
+            return [("function", f"is required: one of {', '.join(BUILTIN_REWARDS)}, or FILE.py:NAME / MODULE:NAME")]
+        if self.function in ("regex_answer", "format") and not self.pattern:
+            return [("pattern", f"is required for {self.function}: a regular expression")]
+        for key in ("pattern", "answer_pattern"):
+            try:
+                re.compile(getattr(self, key) or "")
+            except re.error as err:
+                return [(key, f"is not a valid regular expression ({err})")]
+        if self.tolerance < 0:
+            return [("tolerance", "must be >= 0")]
+        if self.target_tokens is not None and self.target_tokens < 0:
+            return [("target_tokens", "must be >= 0 (or null: half of rl.max_completion_length)")]
+        return []
+
+
+@dataclass
+class RLSettings:
+    """RL with verifiable rewards (recipe: grpo), on TRL's GRPOTrainer or RLOOTrainer; names and meanings are TRL's.
+
+    train.batch_size counts completions per device per micro-batch (a multiple of num_generations): each prompt of
+    the batch is sampled num_generations times and its completions are scored against each other."""
+
+    algorithm: Literal["grpo", "rloo"] = "grpo"
+    num_generations: int = 8  # completions sampled per prompt (the group)
+    max_completion_length: int = 256  # tokens sampled per completion at most
+    temperature: float = 1.0  # sampling temperature (also scales the log-probs the loss uses)
+    top_p: float = 1.0
+    beta: float = 0.0  # KL coefficient to the reference (the starting model); 0: no reference pass at all
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"  # grpo's only
+    epsilon: float = 0.2  # clipping of the policy ratio
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(function="exact_answer")])
+    ternary: bool = False  # train through the 1.58-bit quantizer (the ternary section's settings); exports BitNet
+
+    def problems(self) -> list[tuple[str, str]]:
+        if self.num_generations < 2:
+            return [("num_generations", "must be >= 2 (rewards are compared within each prompt's group)")]
+        if self.max_completion_length < 1:
+            return [("max_completion_length", "must be >= 1")]
+        if not self.temperature > 0:
+            return [("temperature", "must be > 0")]
+        if not 0 < self.top_p <= 1:
+            return [("top_p", "must be in (0, 1]")]
+        if self.beta < 0 or self.epsilon <= 0:
+            return [("beta" if self.beta < 0 else "epsilon", "must be >= 0" if self.beta < 0 else "must be > 0")]
+        if self.algorithm == "rloo" and self.loss_type != "dapo":
+            return [("loss_type", "is grpo's setting; rloo has one loss (TRL's RLOOTrainer): remove it")]
+        if not self.rewards:
+            return [("rewards", "must name at least one reward function")]
+        return []
+
+
+@dataclass
 class EvaluateConfig:
     """Evaluation during training, any recipe: a suite scored every every_steps steps and at the last one.
 
@@ -251,13 +362,15 @@ class EvaluateConfig:
 class Config:
     """A whole run: which recipe, on which model and data, written where."""
 
-    recipe: Literal["sft", "dpo", "ternary"] = "sft"
+    recipe: Literal["sft", "dpo", "ternary", "grpo"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig | None = None  # absent: full fine-tuning
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)  # used by recipe: dpo
-    ternary: TernarySettings = field(default_factory=TernarySettings)  # used by recipe: ternary
+    ternary: TernarySettings = field(default_factory=TernarySettings)  # used by recipe: ternary (and grpo's rl.ternary)
+    rl: RLSettings = field(default_factory=RLSettings)  # used by recipe: grpo
+    distill: DistillSettings | None = None  # recipe: ternary; absent: plain cross-entropy QAT
     evaluate: EvaluateConfig | None = None  # absent: no evaluation during training
     output_dir: str = ""
     overwrite: bool = False  # start over in an output_dir that holds a run (finished, or unfinished with checkpoints)
@@ -267,11 +380,27 @@ class Config:
             return [("output_dir", "is required: the folder the run writes")]
         if self.recipe == "ternary" and self.adapter is not None:
             return [("adapter", "must be absent for recipe: ternary (QAT trains the full weights)")]
+        if self.distill is not None and self.recipe != "ternary":
+            return [("distill", f"is a section of recipe: ternary (a teacher for the 1.58-bit student); remove it "
+                                f"for recipe: {self.recipe}")]
         if self.recipe == "ternary" and self.train.compile:
             return [("train.compile", "is not supported for recipe: ternary (each lambda warm-up step would "
                                       "recompile the layers); leave it false")]
+        if self.recipe == "grpo":
+            return self._rl_problems()
         if self.recipe == "dpo" and self.train.tokens_per_step:
             return [("train.tokens_per_step", "is an SFT packing budget; a DPO step is batch_size x grad_accum pairs")]
+        return []
+
+
+    def _rl_problems(self) -> list[tuple[str, str]]:
+        if self.train.batch_size % self.rl.num_generations:
+            return [("train.batch_size", f"counts completions for recipe: grpo and must be a multiple of "
+                                         f"rl.num_generations ({self.rl.num_generations})")]
+        if self.rl.ternary and self.adapter is not None:
+            return [("adapter", "must be absent with rl.ternary (QAT trains the full weights)")]
+        if self.rl.ternary and self.rl.beta > 0:
+            return [("rl.beta", "must be 0 with rl.ternary (the quantizer changes the model the reference would be)")]
         return []
 
 
@@ -287,6 +416,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     cfg = build(Config, tree, where)
     if cfg.evaluate is not None:
         cfg.evaluate.suite = _suite_path(cfg.evaluate.suite, Path(path).parent, where)
+    if cfg.recipe == "grpo":
+        check_reward_functions(cfg.rl.rewards, Path(path).parent, where)
     return cfg
 
 

@@ -139,15 +139,7 @@ def normalize_row(row: dict, fmt: str, origin: str, system_prompt: str | None) -
 
 def normalize(rows: list[dict], origins: list[str], cfg: DataConfig, label: str) -> Rows:
     """Rename columns, detect the format (from the first row) and normalize every row."""
-    if not rows:
-        raise PosttrainError(f"data.{label}: the source(s) hold no rows; check the path, split and fraction")
-    absent = [(ours, theirs) for ours, theirs in cfg.columns.items() if theirs not in rows[0] and ours not in rows[0]]
-    if absent:
-        ours, theirs = absent[0]
-        raise PosttrainError(f"{origins[0]}: data.columns maps {ours!r} to column {theirs!r}, which is not there; "
-                             f"its columns: {sorted(rows[0])[:50]}")
-    reverse = {theirs: ours for ours, theirs in cfg.columns.items()}
-    rows = [{reverse.get(k, k): v for k, v in row.items()} for row in rows]
+    rows = rename_columns(rows, origins, cfg, label)
     fmt = cfg.format if cfg.format != "auto" else detect_format(rows[0], origins[0])
     out, first_dropped = Rows([], [], fmt), None
     for row, origin in zip(rows, origins):
@@ -165,6 +157,19 @@ def normalize(rows: list[dict], origins: list[str], cfg: DataConfig, label: str)
         first = f"; the first: {first_dropped}" if first_dropped else ""
         raise PosttrainError(f"data.{label}: no rows left after filtering ({out.dropped}{first}); check the data")
     return out
+
+
+def rename_columns(rows: list[dict], origins: list[str], cfg: DataConfig, label: str) -> list[dict]:
+    """Rows with data.columns applied (standard name <- your column); no rows, or a mapped column missing, fails."""
+    if not rows:
+        raise PosttrainError(f"data.{label}: the source(s) hold no rows; check the path, split and fraction")
+    absent = [(ours, theirs) for ours, theirs in cfg.columns.items() if theirs not in rows[0] and ours not in rows[0]]
+    if absent:
+        ours, theirs = absent[0]
+        raise PosttrainError(f"{origins[0]}: data.columns maps {ours!r} to column {theirs!r}, which is not there; "
+                             f"its columns: {sorted(rows[0])[:50]}")
+    reverse = {theirs: ours for ours, theirs in cfg.columns.items()}
+    return [{reverse.get(k, k): v for k, v in row.items()} for row in rows]
 
 
 def _empty_turn(messages: list[dict], trained_from: int) -> str | None:
@@ -195,8 +200,9 @@ def _empty_part(row: dict) -> str | None:
     return _empty_turn(row["prompt"], len(row["prompt"])) if isinstance(row["prompt"], list) else None
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[Rows, Rows | None]:
-    """(train, eval) normalized rows. Without data.eval, hold out eval_fraction of train (seeded)."""
+def load_splits(cfg: DataConfig, seed: int, normalizer=normalize) -> tuple[Rows, Rows | None]:
+    """(train, eval) normalized rows. Without data.eval, hold out eval_fraction of train (seeded). normalizer:
+    normalize (the training formats) or another with its signature (the RL recipe's prompt-only rows)."""
     rows, origins = mix_sources(cfg.train, seed)
     if cfg.eval:
         eval_rows, eval_origins = mix_sources(cfg.eval, seed)
@@ -210,12 +216,12 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Rows, Rows | None]:
         eval_rows, eval_origins = [rows[i] for i in held], [origins[i] for i in held]
         keep = [i for i in range(len(rows)) if origins[i] not in held_origins]
         rows, origins = [rows[i] for i in keep], [origins[i] for i in keep]
-    train = normalize(rows, origins, cfg, "train")
+    train = normalizer(rows, origins, cfg, "train")
     if not eval_rows:
         return train, None
     if held is None:
-        return train, normalize(eval_rows, eval_origins, cfg, "eval")
-    return train, normalize(eval_rows[: cfg.max_eval_rows], eval_origins[: cfg.max_eval_rows], cfg, "eval")
+        return train, normalizer(eval_rows, eval_origins, cfg, "eval")
+    return train, normalizer(eval_rows[: cfg.max_eval_rows], eval_origins[: cfg.max_eval_rows], cfg, "eval")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _any_process(flags: list[bool], device: torch.device) -> list[bool]:
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag, True when it is set on any process (one all-reduce MAX when distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return flags
@@ -161,7 +161,7 @@ class GuardedTrainerMixin(TrainerInternals):
         return result
 
     def _check_loss(self, loss: torch.Tensor) -> None:
-        bad, stop = _any_process([not bool(torch.isfinite(loss).all()), self.stop_request.signal_name is not None],
+        bad, stop = any_process([not bool(torch.isfinite(loss).all()), self.stop_request.signal_name is not None],
                                  loss.device)
         if bad:
             last = latest_checkpoint(self.args.output_dir)
@@ -201,7 +201,7 @@ class GuardedTrainerMixin(TrainerInternals):
         needed = int(needed * 1.1) + (64 << 20)  # tokenizer, states, filesystem slack
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
-        if _any_process([free < needed], self.args.device)[0]:
+        if any_process([free < needed], self.args.device)[0]:
             last = latest_checkpoint(folder)
             raise PosttrainError(
                 f"not enough free disk space in {folder} for checkpoint-{self.state.global_step}: about "
@@ -223,7 +223,7 @@ def train(trainer):
     otherwise starts from an empty folder."""
     checkpoint = on_main_then_shared(latest_checkpoint, trainer.args.output_dir)  # one choice for every process
     unseen = checkpoint is not None and not (checkpoint / "trainer_state.json").is_file()
-    if _any_process([unseen], trainer.args.device)[0]:
+    if any_process([unseen], trainer.args.device)[0]:
         raise PosttrainError(f"{checkpoint} is not on every machine; resuming needs the run folder on a filesystem "
                              "that every machine shares")
     unmark_evaluation_prepare(trainer)

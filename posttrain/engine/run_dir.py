@@ -61,7 +61,7 @@ def prepare_run_dir(cfg: Config, resume: bool = False) -> Path:
 
 
 # What a resumed run must share with the run it continues; train.* may change (e.g. a larger max_steps).
-SAME_RUN_SECTIONS = ("recipe", "model", "data", "adapter", "dpo", "ternary")
+SAME_RUN_SECTIONS = ("recipe", "model", "data", "adapter", "dpo", "ternary", "rl")
 CHECKPOINTS = "checkpoints"  # the Trainer's output_dir inside the run folder (engine/trainer_args.py)
 
 

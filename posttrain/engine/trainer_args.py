@@ -62,7 +62,6 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=No
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         per_device_eval_batch_size=train.batch_size,  # evaluation stays unpacked: examples (pairs) per batch
-        max_length=train.max_length,
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
@@ -85,6 +84,9 @@ def trainer_args(cfg: Config, args_class, run_dir: Path, has_eval: bool, plan=No
         **transfer_flags(),
         **plan.trainer_kwargs(),
         **checkpointing_flag(args_class, plan.gradient_checkpointing),
+        # GRPO/RLOO take no max_length: their recipe keeps only the prompts that leave room for a completion.
+        **({"max_length": train.max_length} if "max_length" in {f.name for f in dataclasses.fields(args_class)}
+           else {}),
         **recipe_args,
     )
 

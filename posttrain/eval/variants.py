@@ -170,8 +170,14 @@ def _load_adapter(adapter_dir: Path, dtype: str):
 
     kind, source = adapter_base_source(adapter_dir)
     base, base_tokenizer, files = _load_full(source, dtype, is_hub=kind == "hub")
+    attach = PeftModel.from_pretrained
+    if kind == "bitnet":  # LoRA on a ternary base: the same packed function, in a layer peft can wrap
+        from posttrain.ternary.lora import load_adapter, to_packed_layers
+
+        to_packed_layers(base)
+        attach = load_adapter  # registers the quantizer-aware LoRA layer of a ternary_merge adapter
     base_ids = {id(p) for p in base.parameters()}
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = attach(base, str(adapter_dir))
     trainable = sum(p.numel() for p in model.parameters() if id(p) not in base_ids)
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir)) if has_tokenizer else base_tokenizer

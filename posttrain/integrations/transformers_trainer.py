@@ -36,7 +36,16 @@ class TrainerInternals:
         """The Trainer's per-micro-step count of input tokens (include_num_input_tokens_seen), called by posttrain."""
         count = getattr(super(), "_track_num_input_tokens", None)
         if count is not None:
-            count(inputs)
+            count(rollout_tokens(inputs) if "completion_ids" in inputs and "input_ids" not in inputs else inputs)
 
     def _track_num_input_tokens(self, inputs):
         """The Trainer calls this after the backward; count_input_tokens has already counted these tokens."""
+
+
+def rollout_tokens(inputs: dict) -> dict:
+    """GRPO/RLOO batches hold prompts and sampled completions apart (prompt_ids/completion_ids, each with its mask);
+    the Trainer counts `input_ids` with their `attention_mask`, so the two are joined for it."""
+    import torch
+
+    return {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)}
