@@ -264,8 +264,6 @@ class DistillSettings:
         return out
 
 
-
-
 @dataclass
 class RewardSpec:
     """One reward: exact_answer, numeric_answer, regex_answer, format, length_penalty, math_verify, or your own.
