@@ -27,7 +27,9 @@ from posttrain.engine.plan import fixed_plan
 from posttrain.engine.qat import convert_for_qat, lambda_after, save_ternary
 from posttrain.errors import PosttrainError
 from posttrain.eval.rewards import STEP_KEY, StepRewards, reward_functions
+from posttrain.eval.sampling import sample_completions
 from posttrain.integrations.transformers_warnings import no_is_gradient_checkpointing_warning
+from posttrain.integrations.trl_rl import with_posttrain_sampling
 from posttrain.models import is_adapter_dir, load_model
 from posttrain.recipe import Data, Recipe, Setup, run_recipe
 from posttrain.ternary.qat.bitlinear import bitlinear_layers
@@ -52,7 +54,8 @@ def rl_trainer(trainer_class):
                 {"__init__": __init__, "training_step": training_step, "evaluate": evaluate})
 
 
-TRAINERS = {"grpo": (rl_trainer(GRPOTrainer), GRPOConfig), "rloo": (rl_trainer(RLOOTrainer), RLOOConfig)}
+TRAINERS = {"grpo": (rl_trainer(with_posttrain_sampling(GRPOTrainer, sample_completions)), GRPOConfig),
+            "rloo": (rl_trainer(with_posttrain_sampling(RLOOTrainer, sample_completions)), RLOOConfig)}
 
 
 class GRPO(Recipe):

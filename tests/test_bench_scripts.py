@@ -221,3 +221,19 @@ def test_bench_ternary_kd_times_both_variants_in_one_run(capsys, tmp_path):
     assert result["kd_time_ratio"] == round(result["plain_steps_per_s"] / result["distill_steps_per_s"], 3)
     assert (tmp_path / "kd" / "metrics.json").is_file() and "distill" in (tmp_path / "kd" / "metrics.json").read_text()
     assert "distill" not in json.loads((tmp_path / "plain" / "metrics.json").read_text())
+
+
+def test_bench_grpo_times_posttrain_and_trl_in_one_run(capsys, tmp_path, tiny_model_dir):
+    """bench_grpo: posttrain's recipe and TRL's GRPOTrainer from the same model and settings, both orders, one JSON
+    line each, the split of the time, and the same rewards (the same draws from the same RNG state)."""
+    bench = load_script("bench_grpo")
+    result = bench.main(["--model", str(tiny_model_dir), "--steps", "10", "--rounds", "2", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"')]
+    assert [row.get("side") for row in rows] == ["posttrain", "trl", "trl", "posttrain", None] and rows[-1] == result
+    for row in rows[:4]:
+        assert row["steps"] == 10 and row["steps_per_s"] > 0 and row["completion_tokens_per_s"] > 0
+        assert row["sampling_s"] > 0 and row["update_s"] > 0
+        assert row["sampling_s"] + row["batch_making_s"] + row["update_s"] == pytest.approx(row["train_s"], abs=0.01)
+    assert result["posttrain_reward_last10"] == result["trl_reward_last10"] is not None
+    assert result["speedup"] == round(result["posttrain_steps_per_s"] / result["trl_steps_per_s"], 3)
+    assert (tmp_path / "posttrain" / "metrics.json").is_file()

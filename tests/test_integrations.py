@@ -84,6 +84,28 @@ def test_trl_rl_trainer_internals(name):
     assert args.steps_per_generation == 3 and args.num_iterations == 1
 
 
+@pytest.mark.parametrize("name", ["GRPO", "RLOO"])
+def test_trl_rl_sampling_hooks(name):
+    """What posttrain/integrations/trl_rl.py overrides in TRL's RL trainers, and what it reads there: the prompt
+    tokenization, the single-turn sampling (GRPO's also takes num_generations and returns log-probs), the scoring of
+    completions, and the switch that lets TRL's fused LM head score only the completion positions."""
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    trainer = getattr(trl, f"{name}Trainer")
+    assert parameters(trainer._tokenize_prompts) == ["self", "prompts"]
+    single_turn = ["self", "prompt_ids", "images", "multimodal_fields"]
+    if name == "GRPO":
+        single_turn += ["num_generations", "has_tool_images"]
+        assert "return completion_ids, logprobs" in inspect.getsource(trainer._generate_single_turn)
+    assert "self._get_per_token_logps_and_entropies(" in inspect.getsource(trainer._compute_loss)
+    assert parameters(trainer._generate_single_turn) == single_turn
+    source = inspect.getsource(trainer.__init__)
+    assert all(f"self.{attr} =" in source for attr in ("eos_token_ids", "generation_config", "_is_vlm"))
+    assert callable(trl_utils._use_triton)
+    assert "compact = _use_triton(hidden_states.device)" in inspect.getsource(trl_utils.add_fused_lm_head)
+
+
 def test_transformers_model_internals(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -131,7 +153,8 @@ def private_library_uses(path: Path) -> list[str]:
 
 KNOWN_PRIVATE = {"_save_checkpoint", "_get_output_dir", "_track_num_input_tokens", "_is_accelerate_prepared",
                  "_models", "_attn_implementation", "_is_quantized", "_prepare_dataset", "_precompute_ref_logps",
-                 "_metrics", "_register_custom_module", "_custom_modules"}
+                 "_metrics", "_register_custom_module", "_custom_modules", "_tokenize_prompts",
+                 "_generate_single_turn", "_get_per_token_logps_and_entropies", "_use_triton", "_is_vlm"}
 TORCH_OVERRIDES = {"super()._apply", "super()._load_from_state_dict"}  # torch.nn.Module's documented hooks
 
 
