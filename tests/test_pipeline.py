@@ -81,16 +81,26 @@ def test_demo_report_shows_meaningful_differences(tmp_path):
     assert preference["dpo"] > preference["sft"]  # DPO's held-out preference accuracy beats SFT's
     assert exact["ternary"] < exact["sft"] and below_sft["ternary"]  # 1.58-bit QAT pays, visibly (paired test)
     assert exact["ptq"] <= 0.1 * exact["sft"] and below_sft["ptq"]  # ternarizing without training collapses
+    grpo = stats["grpo"]["gen/add/exact_match"]  # RL on the verifiable reward lifts held-out greedy answers
+    assert grpo["diff"] > 0 and grpo["p_holm"] < 0.05 and grpo["significant"]
+    grpo_history = json.loads((tmp_path / "demo" / "grpo" / "metrics.json").read_text())
+    assert [h["step"] for h in grpo_history["eval_history"]] == [50, 100, 150] and grpo_history["reward_history"]
+    ternary_report = json.loads((tmp_path / "demo" / "report-ternary" / "results.json").read_text())
+    against_qat = ternary_report["stats"]["comparisons"]
+    assert ternary_report["stats"]["baseline"] == "ternary" and set(against_qat) == {"ternary-kd", "ternary-grpo"}
+    assert all(0 <= by_key["gen/add/exact_match"]["p"] <= 1 for by_key in against_qat.values())
     assert sorted(p.name for p in (tmp_path / "demo" / "report").glob("*.png"))
     report = (tmp_path / "demo" / "report" / "report.md").read_text()
-    stages = ("base", "sft", "lora", "dpo", "ternary", "ternary-kd", "ternary-lora", "ptq")
+    stages = ("base", "sft", "lora", "dpo", "grpo", "ternary", "ternary-kd", "ternary-lora", "ptq")
     assert all(name in report for name in stages)
     folder = tmp_path / "demo" / "report"
     assert json.loads((folder / "compare.json").read_text())["baseline"] == "sft"
     assert (folder / "report.html").is_file() and (folder / "samples" / "ptq" / "gen-add.jsonl").is_file()
     history = json.loads((tmp_path / "demo" / "sft" / "metrics.json").read_text())["eval_history"]
     assert [h["step"] for h in history] == [100, 200, 300]  # scored while training (evaluate: in sft.yaml)
-    _assert_readme_table_matches((folder / "summary.md").read_text())
+    _assert_readme_table_matches((folder / "summary.md").read_text(), "demo-summary")
+    _assert_readme_table_matches((tmp_path / "demo" / "report-ternary" / "summary.md").read_text(),
+                                 "demo-ternary-summary")
 
 
 def _numbers(table: str) -> list[list]:
@@ -103,11 +113,11 @@ def _numbers(table: str) -> list[list]:
     return rows
 
 
-def _assert_readme_table_matches(printed: str) -> None:
+def _assert_readme_table_matches(printed: str, marker: str) -> None:
     """The README's demo table is the one a fresh demo prints: same rows and marks, numbers within 0.05 (thread
     counts can move a float and so a greedy answer or two)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = readme.split("<!-- demo-summary: start -->")[1].split("<!-- demo-summary: end -->")[0]
+    block = readme.split(f"<!-- {marker}: start -->")[1].split(f"<!-- {marker}: end -->")[0]
     mine, theirs = _numbers(block), _numbers(printed)
     assert len(mine) == len(theirs), f"README demo table has {len(mine)} rows, the demo printed {len(theirs)}"
     for row_readme, row_demo in zip(mine, theirs):
