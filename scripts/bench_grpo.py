@@ -17,10 +17,11 @@ checkpointing on only when the step would not fit (posttrain/engine/plan.py) and
 Timed, per run: the training loop (Trainer.train), inside it the sampling (`_generate_single_turn`) and the rest
 of making a batch (prompt tokenization, decoding, rewards, advantages: `_generate_and_score_completions` less the
 sampling); the policy update is the loop's time less both (forward, backward, optimizer, logging). Rounds
-alternate which side runs first. Printed: one JSON line per run, then the medians, `speedup` (TRL's seconds
-per step / posttrain's) and each side's mean reward over the first and the last 10 steps (one log line per 10
-steps): with the same seed both draw the same completions from the same distribution, so the rewards match until
-the two sides' float rounding parts.
+alternate which side runs first; on a GPU an uncounted posttrain run settles the process first (its first CUDA
+work loads and tunes kernels). Printed: one JSON line per run, then the medians, `speedup` (TRL's seconds per
+step / posttrain's) and each side's mean reward over the first and the last 10 steps (one log line per 10 steps):
+with the same seed both draw the same completions from the same distribution, so the rewards match until the two
+sides' float rounding parts.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class Clock:
             setattr(owner, name, method.__get__(owner) if not isinstance(owner, type) else method)
 
     def row(self, side: str, steps: int, log_history: list[dict]) -> dict:
-        rewards = [entry["reward"] for entry in log_history if "reward" in entry]
+        # every 10th step's line (posttrain logs step 1 as well): each the mean of its 10 steps
+        rewards = [entry["reward"] for entry in log_history if "reward" in entry and entry["step"] % 10 == 0]
         making = self.batch - self.sampling
         return {"side": side, "steps": steps, "train_s": round(self.train, 3),
                 "steps_per_s": round(steps / self.train, 3),
@@ -123,6 +125,26 @@ def trl_run(model_path: str, context: dict, out: Path) -> dict:
     return clock.row("trl", trainer.state.global_step, trainer.state.log_history)
 
 
+def random_qwen_shaped_model(folder: Path) -> str:
+    """A randomly initialized model of Qwen2.5-0.5B's shape (24 layers, 896 wide, 14 heads, 2 KV heads) with the
+    tiny tokenizer, for timing without a download: it never answers right (reward 0), and its completions rarely
+    stop early, so every step samples the full completion length."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from posttrain.tiny import resolve_tiny_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tiny_model("tiny:llama"))
+    config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def summary(rows: list[dict]) -> dict:
     def median(side, key):
         values = [r[key] for r in rows if r["side"] == side and r[key] is not None]
@@ -148,29 +170,47 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "demo" / "grpo.yaml"))
     p.add_argument("--model", default="runs/demo/sft", help="the starting model (a folder or a hub name)")
+    p.add_argument("--random-qwen2.5-0.5b-shape", dest="random_shape", action="store_true",
+                   help="time a random model of Qwen2.5-0.5B's shape instead (built in the output folder)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
+    p.add_argument("--settle-steps", type=int, default=None,
+                   help="a first, uncounted posttrain run of this many steps (default 10 on a GPU, 0 on a CPU): the "
+                        "process's first CUDA work pays for kernel loading and autotuning")
     p.add_argument("--out", default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = p.parse_args(argv)
-    overrides = [f"model.name_or_path={args.model}", f"train.max_steps={args.steps}", "train.logging_steps=10",
-                 "train.eval_steps=0", "train.save_steps=0", "evaluate=null", "data.eval=[]", "data.eval_fraction=0",
-                 *args.set]
-    rows, context = [], None
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as scratch:
         out = Path(args.out or scratch)
-        for round_ in range(args.rounds):
-            for side in (("posttrain", "trl") if round_ % 2 == 0 else ("trl", "posttrain")):
-                if side == "posttrain":
-                    row, context = posttrain_run(args.config, overrides, out / "posttrain")
-                else:
-                    row = trl_run(context["model_path"], context, out / "trl")
-                rows.append(row)
-                release()
-                print(json.dumps(rows[-1]), flush=True)
-    result = summary(rows)
+        model = random_qwen_shaped_model(out / "random-model") if args.random_shape else args.model
+        result = bench(args, model, out)
     print(json.dumps(result), flush=True)
     return result
+
+
+def bench(args, model: str, out: Path) -> dict:
+    overrides = [f"model.name_or_path={model}", f"train.max_steps={args.steps}", "train.logging_steps=10",
+                 "train.eval_steps=0", "train.save_steps=0", "evaluate=null", "data.eval=[]", "data.eval_fraction=0",
+                 *args.set]
+    settle = args.settle_steps
+    if settle is None:
+        import torch
+
+        settle = 10 if torch.cuda.is_available() else 0
+    if settle:
+        posttrain_run(args.config, [*overrides, f"train.max_steps={settle}"], out / "settle")
+        release()
+    rows, context = [], None
+    for round_ in range(args.rounds):
+        for side in (("posttrain", "trl") if round_ % 2 == 0 else ("trl", "posttrain")):
+            if side == "posttrain":
+                row, context = posttrain_run(args.config, overrides, out / "posttrain")
+            else:
+                row = trl_run(context["model_path"], context, out / "trl")
+            rows.append(row)
+            release()
+            print(json.dumps(rows[-1]), flush=True)
+    return summary(rows)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@
 set -u
 OUT=${OUT:-/tmp/posttrain-bench}
 mkdir -p "$OUT"
-parts=${*:-kernels e2e train}
+parts=${*:-kernels e2e train}  # rl: on request
 
 run_part() {  # name limit command...: the command's output goes to $OUT/name.log, its tail to stdout
     local name=$1 limit=$2
@@ -55,6 +55,19 @@ for part in $parts; do
                 ${TRAIN_VARIANTS:+--variants $TRAIN_VARIANTS} \
                 ${TRAIN_ROUND_EXTRA:+--round-extra $TRAIN_ROUND_EXTRA} \
                 --out "$OUT/train" ;;
-        *) echo "unknown part $part (kernels, e2e, train)"; exit 2 ;;
+        rl)
+            # The RL and 1.58-bit recipes on the GPU (the tiny configs, bf16): SFT, ternary QAT, ternary QAT distilled,
+            # LoRA on the ternary model and its exact merge, GRPO full and on the ternary model. Then bench_grpo: on
+            # the demo's SFT model (carried as .whl/demo-sft: `posttrain demo`, then cp -r runs/demo/sft .whl/demo-sft)
+            # and on a random model of Qwen2.5-0.5B's shape (tiny vocabulary), whose completions run to the limit.
+            run_part rl_recipes "${LIMIT_RL_RECIPES:-150}" bash scripts/device_rl_recipes.sh /tmp/posttrain-rl
+            if [ -d .whl/demo-sft ]; then
+                run_part grpo_demo "${LIMIT_GRPO_DEMO:-90}" python3 scripts/bench_grpo.py --model .whl/demo-sft \
+                    --steps "${GRPO_STEPS:-60}" --rounds 2
+            fi
+            run_part grpo_mid "${LIMIT_GRPO_MID:-160}" python3 scripts/bench_grpo.py --rounds 1 \
+                --random-qwen2.5-0.5b-shape --steps "${GRPO_MID_STEPS:-10}" \
+                --set rl.max_completion_length="${GRPO_MID_LENGTH:-128}" --set train.max_length=256 ;;
+        *) echo "unknown part $part (kernels, e2e, train, rl)"; exit 2 ;;
     esac
 done
