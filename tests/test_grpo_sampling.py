@@ -29,7 +29,14 @@ def generate_reference(model, prompt_ids, stop_ids, pad_id, **settings):
 @pytest.mark.parametrize("settings", [dict(temperature=1.0, top_k=0, top_p=1.0),
                                       dict(temperature=0.7, top_k=20, top_p=0.9),
                                       dict(temperature=1.3, top_k=0, top_p=0.5)])
-def test_samples_equal_generate_from_the_same_rng_state(model, settings):
+@pytest.mark.parametrize("gather", [True, False], ids=["gathered-cache", "every-row-prefilled"])
+def test_samples_equal_generate_from_the_same_rng_state(model, settings, gather, monkeypatch):
+    """Both prefill paths: the distinct prompts' cache gathered out to their copies, and (a hybrid model's
+    recurrent cache layers do not gather) every row prefilled."""
+    import posttrain.eval.sampling as sampling
+
+    if not gather:
+        monkeypatch.setattr(sampling, "gatherable", lambda cache: False)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(5, 200, (length,), generator=generator).tolist() for length in (3, 9, 6)]
     prompt_ids = [p for p in prompts for _ in range(4)]  # TRL's sampler: each prompt num_generations times in a row
@@ -52,6 +59,37 @@ def test_filters_match_transformers_warpers():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
     expected = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(10)(None, TemperatureLogitsWarper(0.6)(None, logits)))
     assert torch.equal(filter_logits(logits, 0.6, 10, 0.8), expected)
+
+
+def test_gatherable_cache_layers_only():
+    from transformers import DynamicCache, LlamaConfig
+
+    from posttrain.eval.sampling import gatherable
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    assert gatherable(DynamicCache(config=config))
+    hybrid = DynamicCache(config=config)
+    hybrid.layers[1] = type("LinearAttentionLayer", (), {})()  # conv/recurrent state: no row gather
+    assert not gatherable(hybrid) and not gatherable(object())
+
+
+def test_generation_settings_merge_the_models_own_and_refuse_other_processors():
+    """generate fills what TRL leaves unset from the model's generation_config; a processor the loop does not
+    apply (there or in TRL's config) sends sampling down TRL's path."""
+    from transformers import GenerationConfig
+
+    from posttrain.integrations.trl_rl import sampling_settings
+
+    trl = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.95, top_k=0,
+                           repetition_penalty=1.0)
+    assert sampling_settings(trl, GenerationConfig(temperature=0.3, top_k=40)) == {
+        "max_new_tokens": 8, "temperature": 0.8, "top_k": 0, "top_p": 0.95}
+    assert sampling_settings(GenerationConfig(max_new_tokens=4, do_sample=True), None) == {
+        "max_new_tokens": 4, "temperature": 1.0, "top_k": 50, "top_p": 1.0}  # generate's defaults
+    for own in (dict(min_p=0.05), dict(no_repeat_ngram_size=3), dict(typical_p=0.9), dict(suppress_tokens=[5])):
+        assert sampling_settings(trl, GenerationConfig(**own)) is None, own
+    assert sampling_settings(GenerationConfig(max_new_tokens=8, do_sample=True, repetition_penalty=1.1), None) is None
+    assert sampling_settings(GenerationConfig(max_new_tokens=8, do_sample=True, num_beams=2), None) is None
 
 
 def test_distinct_prompts_keep_first_seen_order():

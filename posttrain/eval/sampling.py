@@ -5,7 +5,8 @@ on a host-bound GPU step) the cost of `generate` is its per-token machinery (log
 criteria, cache bookkeeping), not the forward. This loop does only what RL sampling needs:
 
 - Each distinct prompt is encoded once: TRL's sampler repeats every prompt num_generations times in a row, so
-  the prefill runs on the distinct prompts and their cache is gathered out to every completion.
+  the prefill runs on the distinct prompts and their cache is gathered out to every completion (attention
+  caches; a hybrid model's recurrent layers get every row prefilled instead).
 - Only the last prompt position goes through the LM head (a 150k-token vocabulary over a 200-token prompt is
   most of a small model's prefill otherwise).
 - The distribution is generate's: logits / temperature, then top-k, then top-p (the smallest set of tokens whose
@@ -53,19 +54,38 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
+# Cache layers that hold keys and values only, whose rows gather along the batch. Hybrid models' linear-attention
+# layers also keep convolution and recurrent states that batch_select_indices leaves at the prefill's batch size.
+GATHERABLE_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer"}
+
+
+def gatherable(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ in GATHERABLE_LAYERS for layer in layers)
+
+
+def prefill(model, prompt_ids: list[list[int]], pad_id: int, device):
+    """(the forward's output with its cache and the last position's logits, attention mask, position ids)."""
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    return out, mask, positions
+
+
 @torch.no_grad()
 def sample_completions(model, prompt_ids: list[list[int]], *, max_new_tokens: int, stop_ids: list[int], pad_id: int,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0) -> list[list[int]]:
     """One sampled completion (token ids, through its first stop token) per row of prompt_ids."""
     device = next(model.parameters()).device
     distinct, row_prompt = distinct_prompts(prompt_ids)
-    ids, mask = left_pad(distinct, pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    row_prompt = row_prompt.to(device)
+    out, mask, positions = prefill(model, distinct, pad_id, device)
     cache = output_cache(out)
-    if len(distinct) < len(prompt_ids):
-        cache.batch_select_indices(row_prompt)
+    if len(distinct) < len(prompt_ids) and not gatherable(cache):
+        out, mask, positions = prefill(model, prompt_ids, pad_id, device)
+        cache, row_prompt = output_cache(out), torch.arange(len(prompt_ids))
+    elif len(distinct) < len(prompt_ids):
+        cache.batch_select_indices(row_prompt.to(device))
+    row_prompt = row_prompt.to(device)
     logits, mask, position = out.logits[row_prompt, -1], mask[row_prompt], positions[row_prompt, -1:]
     stops = torch.tensor(stop_ids, device=device)
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
