@@ -10,7 +10,8 @@ with the same reward functions (the config's), generation settings (num_generati
 temperature, top_p), completions per step, optimizer settings (learning rate, schedule, warm-up, steps, seed),
 beta, loss type and clipping epsilon: posttrain runs its recipe, and TRL's GRPOTrainer gets those values read off
 posttrain's trainer. Everything else is each side's default: TRL's GRPOConfig turns activation checkpointing on
-and samples with `model.generate`, rendering the chat template for every copy of a prompt; posttrain turns
+(`--trl-arg gradient_checkpointing=false` times TRL without it) and samples with `model.generate`, rendering the
+chat template for every copy of a prompt; posttrain turns
 checkpointing on only when the step would not fit (posttrain/engine/plan.py) and samples with its own decode loop
 (posttrain/eval/sampling.py; each prompt rendered and prefilled once).
 
@@ -90,6 +91,9 @@ def posttrain_run(config: str, overrides: list[str], out: Path) -> tuple[dict, d
     from posttrain.registry import load_recipe
 
     cfg = load_config(config, [*overrides, f"output_dir={out}", "overwrite=true"])
+    if cfg.adapter is not None or cfg.rl.ternary:
+        raise SystemExit(f"{config}: bench_grpo compares full fine-tuning of a dense model (TRL's side gets no "
+                         "adapter and no BitLinear); remove adapter: and rl.ternary")
     grpo = load_recipe("grpo")  # a fresh module each call: the class patched here is the one the run uses
     trainer_class = grpo.TRAINERS[cfg.rl.algorithm][0]
     clock, seen = Clock(), {}
@@ -110,13 +114,14 @@ def posttrain_run(config: str, overrides: list[str], out: Path) -> tuple[dict, d
     return clock.row("posttrain", trainer.state.global_step, trainer.state.log_history), context
 
 
-def trl_run(model_path: str, context: dict, out: Path) -> dict:
+def trl_run(model_path: str, context: dict, out: Path, trl_args: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=context["dtype"])
-    args = GRPOConfig(output_dir=str(out), report_to=[], save_strategy="no", logging_steps=10, **context["args"])
+    args = GRPOConfig(output_dir=str(out), report_to=[], save_strategy="no", logging_steps=10,
+                      **{**context["args"], **trl_args})
     trainer = GRPOTrainer(model=model, reward_funcs=context["reward_funcs"], args=args,
                           train_dataset=context["train_dataset"], processing_class=tokenizer)
     clock = Clock()
@@ -178,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--settle-steps", type=int, default=None,
                    help="a first, uncounted posttrain run of this many steps (default 10 on a GPU, 0 on a CPU): the "
                         "process's first CUDA work pays for kernel loading and autotuning")
+    p.add_argument("--trl-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="a GRPOConfig argument for TRL's side, e.g. gradient_checkpointing=false to time TRL without "
+                        "its default activation checkpointing (a YAML value)")
     p.add_argument("--out", default=None, help="folder for the runs' outputs (default: a temporary one)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as scratch:
@@ -192,6 +200,9 @@ def bench(args, model: str, out: Path) -> dict:
     overrides = [f"model.name_or_path={model}", f"train.max_steps={args.steps}", "train.logging_steps=10",
                  "train.eval_steps=0", "train.save_steps=0", "evaluate=null", "data.eval=[]", "data.eval_fraction=0",
                  *args.set]
+    import yaml
+
+    trl_args = {name: yaml.safe_load(value) for name, value in (arg.split("=", 1) for arg in args.trl_arg)}
     settle = args.settle_steps
     if settle is None:
         import torch
@@ -206,7 +217,7 @@ def bench(args, model: str, out: Path) -> dict:
             if side == "posttrain":
                 row, context = posttrain_run(args.config, overrides, out / "posttrain")
             else:
-                row = trl_run(context["model_path"], context, out / "trl")
+                row = trl_run(context["model_path"], context, out / "trl", trl_args)
             rows.append(row)
             release()
             print(json.dumps(rows[-1]), flush=True)
