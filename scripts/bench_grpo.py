@@ -46,11 +46,13 @@ SHARED_ARGS = ("per_device_train_batch_size", "gradient_accumulation_steps", "le
 
 
 class Clock:
-    """Seconds in the training loop, in sampling and in the rest of batch-making; completion tokens sampled."""
+    """Seconds in the training loop, in sampling and in the rest of batch-making; completion tokens sampled; the
+    trainer that ran."""
 
     def __init__(self):
         self.train = self.sampling = self.batch = 0.0
         self.completion_tokens = 0
+        self.trainer = None
 
     def wrap(self, owner, trainer_class):
         """Time `owner`'s (a trainer or a trainer class) three methods, whose originals are trainer_class's."""
@@ -58,6 +60,7 @@ class Clock:
             original = getattr(trainer_class, name)
 
             def method(trainer, *args, **kwargs):
+                self.trainer = trainer
                 start = time.perf_counter()
                 result = original(trainer, *args, **kwargs)
                 setattr(self, field, getattr(self, field) + time.perf_counter() - start)
@@ -96,17 +99,10 @@ def posttrain_run(config: str, overrides: list[str], out: Path) -> tuple[dict, d
                          "adapter and no BitLinear); remove adapter: and rl.ternary")
     grpo = load_recipe("grpo")  # a fresh module each call: the class patched here is the one the run uses
     trainer_class = grpo.TRAINERS[cfg.rl.algorithm][0]
-    clock, seen = Clock(), {}
+    clock = Clock()
     clock.wrap(trainer_class, trainer_class.__mro__[1])
-    timed_train = trainer_class.train
-
-    def train(trainer, *args, **kwargs):
-        seen.update(trainer=trainer)
-        return timed_train(trainer, *args, **kwargs)
-
-    trainer_class.train = train
     grpo.main(cfg)
-    trainer = seen["trainer"]
+    trainer = clock.trainer
     shared = {name: getattr(trainer.args, name) for name in SHARED_ARGS}
     context = {"args": shared, "model_path": trainer.model.name_or_path,
                "dtype": next(trainer.model.parameters()).dtype, "train_dataset": trainer.train_dataset,
@@ -114,12 +110,12 @@ def posttrain_run(config: str, overrides: list[str], out: Path) -> tuple[dict, d
     return clock.row("posttrain", trainer.state.global_step, trainer.state.log_history), context
 
 
-def trl_run(model_path: str, context: dict, out: Path, trl_args: dict) -> dict:
+def trl_run(context: dict, out: Path, trl_args: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=context["dtype"])
+    tokenizer = AutoTokenizer.from_pretrained(context["model_path"])
+    model = AutoModelForCausalLM.from_pretrained(context["model_path"], dtype=context["dtype"])
     args = GRPOConfig(output_dir=str(out), report_to=[], save_strategy="no", logging_steps=10,
                       **{**context["args"], **trl_args})
     trainer = GRPOTrainer(model=model, reward_funcs=context["reward_funcs"], args=args,
@@ -217,7 +213,7 @@ def bench(args, model: str, out: Path) -> dict:
             if side == "posttrain":
                 row, context = posttrain_run(args.config, overrides, out / "posttrain")
             else:
-                row = trl_run(context["model_path"], context, out / "trl", trl_args)
+                row = trl_run(context, out / "trl", trl_args)
             rows.append(row)
             release()
             print(json.dumps(rows[-1]), flush=True)
